@@ -1,0 +1,75 @@
+"""The one module that reads Hugging Face configs and caches.
+
+``kv_spec`` reads the shape of a model's KV cache from its config: the number of *KV* heads comes
+from ``num_key_value_heads`` (GQA / MQA), never from ``num_attention_heads`` unless the model has no
+separate KV head count (MHA, e.g. GPT-2); the head size is the config's explicit ``head_dim`` when it
+has one (Gemma), else ``hidden_size // num_attention_heads``.
+
+``extract_kv`` runs a forward pass and returns the cache as a list of ``(K, V)`` pairs, each
+``(B, H, T, D)``. Keys come back *after* RoPE, exactly as the model stores them (see
+:mod:`kvlib.rope` to undo it). In train mode gradients flow back into ``k_proj`` / ``v_proj``.
+Pinned to transformers 5.24, whose outputs carry the cache as ``.cache`` with per-layer
+``.keys`` / ``.values``: a transformers upgrade touches only this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    """Shape of one model's KV cache: ``num_layers`` pairs of ``(B, num_kv_heads, T, head_dim)``."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+
+def kv_spec(config) -> KVSpec:
+    """The KV-cache shape of a Hugging Face causal-LM config (multimodal configs: their text part)."""
+    config = config.get_text_config()
+    num_heads = config.num_attention_heads
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(
+            f"config has num_attention_heads={num_heads} and num_key_value_heads={num_kv_heads}; "
+            "the query heads must split evenly over the KV heads"
+        )
+    head_dim = getattr(config, "head_dim", None)
+    if head_dim is None:
+        if config.hidden_size % num_heads != 0:
+            raise ValueError(
+                f"config has hidden_size={config.hidden_size} not divisible by "
+                f"num_attention_heads={num_heads} and no explicit head_dim; set head_dim in the config"
+            )
+        head_dim = config.hidden_size // num_heads
+    return KVSpec(config.num_hidden_layers, num_kv_heads, head_dim)
+
+
+def extract_kv(model, input_ids: Tensor, attention_mask: Tensor | None = None) -> list[tuple[Tensor, Tensor]]:
+    """Run ``model`` on ``input_ids`` (B, T) and return its cache: L pairs of (B, H, T, D) tensors.
+
+    Keys are post-RoPE, as stored by the model. Positions past the attention mask hold whatever the
+    model computed there: mask them downstream. Gradients flow when the model is trainable.
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
+            f"{tuple(input_ids.shape)}; pass the mask returned by the tokenizer with these ids"
+        )
+    spec = kv_spec(model.config)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True)
+    kv = [(layer.keys, layer.values) for layer in out.cache.layers]
+    expected = (input_ids.shape[0], spec.num_kv_heads, input_ids.shape[1], spec.head_dim)
+    for i, (k, v) in enumerate(kv):
+        if tuple(k.shape) != expected or tuple(v.shape) != expected:
+            raise ValueError(
+                f"layer {i}: cache holds K {tuple(k.shape)} / V {tuple(v.shape)}, expected {expected}; "
+                "sliding-window or compressed caches are not supported by extract_kv"
+            )
+    return kv
