@@ -49,8 +49,10 @@ def kv_spec(config) -> KVSpec:
     return KVSpec(config.num_hidden_layers, num_kv_heads, head_dim)
 
 
-def extract_kv(model, input_ids: Tensor, attention_mask: Tensor | None = None) -> list[tuple[Tensor, Tensor]]:
-    """Run ``model`` on ``input_ids`` (B, T) and return its cache: L pairs of (B, H, T, D) tensors.
+def forward_with_kv(
+    model, input_ids: Tensor, attention_mask: Tensor | None = None
+) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+    """Run ``model`` on ``input_ids`` (B, T): its logits (B, T, V) and its cache as L pairs of (B, H, T, D).
 
     Keys are post-RoPE, as stored by the model. Positions past the attention mask hold whatever the
     model computed there: mask them downstream. Gradients flow when the model is trainable.
@@ -72,4 +74,9 @@ def extract_kv(model, input_ids: Tensor, attention_mask: Tensor | None = None) -
                 f"layer {i}: cache holds K {tuple(k.shape)} / V {tuple(v.shape)}, expected {expected}; "
                 "sliding-window or compressed caches are not supported by extract_kv"
             )
-    return kv
+    return out.logits, kv
+
+
+def extract_kv(model, input_ids: Tensor, attention_mask: Tensor | None = None) -> list[tuple[Tensor, Tensor]]:
+    """The cache of ``model`` over ``input_ids`` (B, T): L pairs of (B, H, T, D); see ``forward_with_kv``."""
+    return forward_with_kv(model, input_ids, attention_mask)[1]

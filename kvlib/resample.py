@@ -190,3 +190,43 @@ def area_weights(n_in: int, n_out: int) -> Tensor:
     hi = torch.minimum(edges_out[1:, None], edges_in[None, 1:])
     overlap = (hi - lo).clamp(min=0)
     return (overlap / overlap.sum(1, keepdim=True)).to(torch.float32)
+
+
+ALIGNMENTS = ("global", "segment", "span")
+
+
+def time_alignment(
+    kind: str,
+    mask_t: Tensor,
+    mask_s: Tensor,
+    offsets_t: Tensor | None = None,
+    offsets_s: Tensor | None = None,
+    bounds_t: Tensor | None = None,
+    bounds_s: Tensor | None = None,
+) -> Tensor:
+    """The ``(B, Ts, Tt)`` matrix that carries teacher time steps onto student ones, for right-padded batches.
+
+    ``global``: each example's real teacher tokens linearly resampled onto its real student tokens;
+    ``segment``: the same per segment (bounds_t (B, S + 1), bounds_s (B, S + 1) token cut points);
+    ``span``: character-overlap alignment (offsets_t (B, Tt, 2), offsets_s (B, Ts, 2)).
+    Apply it as ``einsum("bst,bhtd->bhsd", A, x_t)``; rows of student padding are zero.
+    """
+    if kind not in ALIGNMENTS:
+        raise ValueError(f"time alignment must be one of {ALIGNMENTS}, got {kind!r}")
+    for name, m in (("mask_t", mask_t), ("mask_s", mask_s)):
+        if m.dim() != 2 or (m.long().diff(dim=1) > 0).any():
+            raise ValueError(f"{name} must be a right-padded (B, T) mask (real tokens first), got {m.long().tolist()}")
+    B, Tt = mask_t.shape
+    Ts = mask_s.shape[1]
+    if kind == "span":
+        if offsets_t is None or offsets_s is None:
+            raise ValueError("time alignment 'span' needs offsets_t and offsets_s")
+        return span_alignment(offsets_t, offsets_s, mask_t, mask_s)
+    if kind == "global":
+        bounds_t = torch.stack([torch.zeros_like(mask_t[:, 0]).long(), mask_t.long().sum(1)], dim=1)  # (B, 2)
+        bounds_s = torch.stack([torch.zeros_like(mask_s[:, 0]).long(), mask_s.long().sum(1)], dim=1)
+    elif bounds_t is None or bounds_s is None:
+        raise ValueError("time alignment 'segment' needs bounds_t and bounds_s")
+    eye = torch.eye(Tt, device=mask_t.device).expand(B, Tt, Tt)  # (B, Tt, Tt): resampling it gives the weights
+    a, _ = segment_resample(eye, bounds_t, bounds_s)  # (B, Ts', Tt)
+    return torch.nn.functional.pad(a, (0, 0, 0, Ts - a.shape[1]))  # (B, Ts, Tt)

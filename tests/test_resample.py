@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kvlib.resample import area_weights, resample_time, segment_resample, span_alignment
+from kvlib.resample import area_weights, resample_time, segment_resample, span_alignment, time_alignment
 
 
 def ramp(t, d=3):
@@ -224,3 +224,56 @@ def test_area_weights_group_copy_and_identity():
 def test_area_weights_reject_empty_axes():
     with pytest.raises(ValueError, match="n_in >= 1 and n_out >= 1, got n_in=0, n_out=3"):
         area_weights(0, 3)
+
+
+# time_alignment
+
+
+def right_mask(lengths, T):
+    return torch.arange(T)[None] < torch.tensor(lengths)[:, None]
+
+
+def test_global_alignment_matrix_equals_resampling_each_example():
+    x = torch.randn(2, 3, 9, 4)
+    mask_t, mask_s = right_mask([9, 6], 9), right_mask([5, 7], 7)
+    a = time_alignment("global", mask_t, mask_s)
+    y = torch.einsum("bst,bhtd->bhsd", a, x)
+    torch.testing.assert_close(y[0, :, :5], resample_time(x[0], 5))
+    torch.testing.assert_close(y[1, :, :7], resample_time(x[1, :, :6], 7))
+    assert (y[0, :, 5:] == 0).all()
+
+
+def test_segment_alignment_matrix_equals_segment_resample():
+    x = torch.randn(2, 2, 8, 4)
+    b_t = torch.tensor([[0, 3, 7, 8], [0, 2, 4, 6]])
+    b_s = torch.tensor([[0, 2, 5, 6], [0, 3, 4, 5]])
+    a = time_alignment("segment", right_mask([8, 6], 8), right_mask([6, 5], 6), bounds_t=b_t, bounds_s=b_s)
+    expected, _ = segment_resample(x, b_t, b_s)
+    torch.testing.assert_close(torch.einsum("bst,bhtd->bhsd", a, x), expected)
+
+
+def test_span_alignment_kind_uses_offsets():
+    off_t = torch.tensor([[[0, 2], [2, 4]]])
+    off_s = torch.tensor([[[0, 1], [1, 2], [2, 4]]])
+    a = time_alignment("span", right_mask([2], 2), right_mask([3], 3), off_t, off_s)
+    assert a[0].argmax(1).tolist() == [0, 0, 1]
+
+
+def test_time_alignment_rejects_unknown_kind():
+    with pytest.raises(ValueError, match="time alignment must be one of"):
+        time_alignment("dtw", right_mask([2], 2), right_mask([2], 2))
+
+
+def test_time_alignment_rejects_left_padding():
+    with pytest.raises(ValueError, match="mask_s must be a right-padded"):
+        time_alignment("global", right_mask([2], 2), torch.tensor([[0, 1]]))
+
+
+def test_time_alignment_needs_offsets_for_span():
+    with pytest.raises(ValueError, match="'span' needs offsets_t and offsets_s"):
+        time_alignment("span", right_mask([2], 2), right_mask([2], 2))
+
+
+def test_time_alignment_needs_bounds_for_segment():
+    with pytest.raises(ValueError, match="'segment' needs bounds_t and bounds_s"):
+        time_alignment("segment", right_mask([2], 2), right_mask([2], 2))

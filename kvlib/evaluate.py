@@ -1,0 +1,78 @@
+"""Evaluation: batched greedy decoding from the prompt, exact match of the final answer.
+
+Prompts are left-padded so that a batch generates in lock-step (``generate`` derives positions from
+the attention mask); decoding is greedy and stops at ``<eos>`` or ``max_new_tokens``. The final answer
+is the integer after the first ``#### `` in the generated text (``kvlib.data.parse_answer``); an
+example is correct when it equals the gold answer exactly. One JSON record per example is written:
+id, task, gold, prediction (``null`` when no answer was produced), correct, and the generated text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from kvlib.data import Example, parse_answer
+from kvlib.text import encode_batch
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64) -> list[str]:
+    """Greedy continuations of ``prompts`` (the new text only, special tokens removed)."""
+    if max_new_tokens < 1 or batch_size < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} and batch_size={batch_size} must be >= 1")
+    model.eval()
+    device = next(model.parameters()).device
+    texts = []
+    for i in range(0, len(prompts), batch_size):
+        enc = encode_batch(tokenizer, prompts[i : i + batch_size], add_eos=False, padding_side="left")
+        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        texts += tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+    return texts
+
+
+def evaluate(
+    model, tokenizer, examples: list[Example], out_path: str | Path, max_new_tokens: int, batch_size: int = 64
+) -> dict:
+    """Accuracy of ``model`` on ``examples``; writes one JSON line per example to ``out_path`` (atomically)."""
+    if not examples:
+        raise ValueError("evaluate needs at least one example")
+    generated = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens, batch_size)
+    records = []
+    for e, text in zip(examples, generated):
+        prediction = parse_answer(text)
+        records.append(
+            {
+                "id": e.id,
+                "task": e.task,
+                "gold": e.answer,
+                "prediction": prediction,
+                "correct": prediction == e.answer,
+                "generated": text,
+            }
+        )
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, out)
+    by_task = {}
+    for r in records:
+        by_task.setdefault(r["task"], []).append(r["correct"])
+    return {
+        "n": len(records),
+        "accuracy": sum(r["correct"] for r in records) / len(records),
+        "answered": sum(r["prediction"] is not None for r in records) / len(records),
+        "accuracy_by_task": {t: sum(c) / len(c) for t, c in sorted(by_task.items())},
+    }

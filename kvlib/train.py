@@ -1,0 +1,179 @@
+"""The training loop: one plain loop on ``accelerate`` for teachers, CE-only students and KV distillation.
+
+The same code runs on a CPU, one GPU, several GPUs or several nodes (``accelerate launch``): all
+trainable computation sits in one ``Distiller.forward``. Notable choices:
+
+- **fixed compute**: training runs for ``steps`` optimizer steps of ``batch_size x grad_accum``
+  examples (``drop_last``), so groups compared in a study see the same number of examples;
+- **reproducible data order**: epoch ``e`` shuffles with a generator seeded by ``seed + e``, so a
+  resumed run skips exactly the micro-batches it had consumed and sees the same order;
+- **checkpoints** (model, optimizer, scheduler, RNG states, step) are written to
+  ``checkpoint.tmp`` and renamed over ``checkpoint``: an interruption never leaves a half-written one.
+  A run started in a folder with a checkpoint resumes from it and ends with the same parameters as an
+  uninterrupted run; ``stop_at`` ends a call early after checkpointing (time-sliced cluster jobs);
+- **metrics** go to ``metrics.jsonl``, one line per ``log_every`` steps (losses, learning rate,
+  tokens seen, and every ``share_every`` steps each loss term's share of the gradient on the student).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from kvlib.config import TrainConfig
+from kvlib.distill import Distiller
+from kvlib.losses import gradient_shares
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Learning-rate factor: linear warm-up to 1, then cosine decay to 0.1 at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _save_checkpoint(accelerator: Accelerator, folder: Path, state: dict) -> None:
+    accelerator.wait_for_everyone()
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "state.json").write_text(json.dumps(state))
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def train(
+    distiller: Distiller,
+    collate: Callable[[Sequence[int]], dict],
+    num_examples: int,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    stop_at: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train ``distiller`` on examples ``0 .. num_examples - 1``, batched by ``collate(indices)``.
+
+    Writes ``metrics.jsonl``, ``checkpoint/`` and, when all ``cfg.steps`` are done, ``model/`` (the
+    student, ``save_pretrained``) and ``summary.json``. Returns the summary (or the progress so far when
+    stopped early by ``stop_at``).
+    """
+    micro_batch = cfg.batch_size
+    if num_examples < micro_batch:
+        raise ValueError(f"{num_examples} training examples are fewer than one batch of {micro_batch}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    mixed = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if torch.cuda.is_available() else "no")
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mixed)
+    set_seed(cfg.seed)
+    decay = [p for n, p in distiller.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in distiller.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
+    model, optimizer = accelerator.prepare(distiller, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    student_params = [p for p in accelerator.unwrap_model(model).student.parameters() if p.requires_grad]
+    weights = accelerator.unwrap_model(model).term_weights()
+
+    checkpoint, metrics_path = out / "checkpoint", out / "metrics.jsonl"
+    step, tokens = 0, 0
+    if (checkpoint / "state.json").exists():
+        accelerator.load_state(str(checkpoint))
+        state = json.loads((checkpoint / "state.json").read_text())
+        step, tokens = state["step"], state["tokens"]
+    if accelerator.is_main_process:  # drop log lines written after the checkpoint we resume from
+        lines = metrics_path.read_text().splitlines() if metrics_path.exists() and step else []
+        metrics_path.write_text("".join(f"{line}\n" for line in lines if json.loads(line)["step"] <= step))
+
+    def loader(epoch: int) -> DataLoader:
+        g = torch.Generator().manual_seed(cfg.seed + epoch)
+        dl = DataLoader(range(num_examples), micro_batch, shuffle=True, generator=g, drop_last=True, collate_fn=collate)
+        return accelerator.prepare_data_loader(dl, device_placement=True)
+
+    per_epoch = len(loader(0))
+    consumed = step * cfg.grad_accum
+    epoch, skip = divmod(consumed, per_epoch)
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and accelerator.is_main_process), desc="train")
+    sums, count, shares, t0 = {}, 0, None, time.perf_counter()
+    model.train()
+    while step < cfg.steps and (stop_at is None or step < stop_at):
+        dl = loader(epoch)
+        if skip:
+            dl, skip = accelerator.skip_first_batches(dl, skip), 0
+        for batch in dl:
+            with accelerator.accumulate(model):
+                terms = model(batch)
+                if cfg.share_every and (step + 1) % cfg.share_every == 0 and count == 0:
+                    shares = gradient_shares(
+                        {n: weights[n] * terms[n] for n in weights if n in terms and weights[n] > 0}, student_params
+                    )
+                accelerator.backward(terms["loss"])
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach())
+            count += 1
+            tokens += int(batch["attention_mask"].sum())
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            step += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                row = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0], "tokens": tokens}
+                row |= {name: total / count for name, total in sums.items()}
+                if shares is not None:
+                    row["grad_share"] = shares
+                row["seconds"] = round(time.perf_counter() - t0, 3)
+                bar.set_postfix({k: f"{row[k]:.3f}" for k in ("loss", "ce", "kv") if k in row})
+                if accelerator.is_main_process:
+                    with metrics_path.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                shares = None
+            sums, count = {}, 0
+            if step % cfg.save_every == 0 or step == cfg.steps or step == stop_at:
+                _save_checkpoint(accelerator, checkpoint, {"step": step, "tokens": tokens})
+            if step >= cfg.steps or step == stop_at:
+                break
+        epoch += 1
+    bar.close()
+    summary = {"steps": step, "finished": step >= cfg.steps, "examples_per_step": micro_batch * cfg.grad_accum}
+    if step >= cfg.steps and accelerator.is_main_process:
+        accelerator.unwrap_model(model).student.save_pretrained(out / "model")
+        rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+        summary |= {"final": rows[-1] if rows else {}}
+        _write_json(out / "summary.json", summary)
+    accelerator.wait_for_everyone()
+    return summary
