@@ -22,12 +22,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kvlib.config import KVConfig
+from kvlib.data import SEGMENTS, Example
 from kvlib.hf import KVSpec, forward_with_kv, kv_spec
+from kvlib.kvstore import KVStore
 from kvlib.layers import LayerMap
 from kvlib.losses import kv_loss, relation_loss
 from kvlib.projectors import KVProjector
 from kvlib.resample import time_alignment
 from kvlib.rope import unrotate_keys
+from kvlib.text import encode_batch
 
 
 class TeacherAligner(nn.Module):
@@ -52,7 +55,8 @@ class TeacherAligner(nn.Module):
         layer- and time-aligned teacher (B, Ht, Ts, Dt) before projection, and the (B, Ts) mask of covered
         student positions.
 
-        teacher: a ``KVStore.batch`` (``kv``, ``attention_mask``, ``offsets``, ``segment_bounds``);
+        teacher: a ``KVStore.batch`` (``kv``, ``mask``, ``attention_mask``, ``offsets``, ``segment_bounds``); for a
+        compressed store each teacher head's alignment is renormalised over the slots it kept;
         student: the encoded batch (``attention_mask``, ``offsets``, ``segment_bounds``).
         """
         kv_t = teacher["kv"]
@@ -69,12 +73,16 @@ class TeacherAligner(nn.Module):
             teacher["segment_bounds"],
             student["segment_bounds"],
         )  # (B, Ts, Tt)
-        keys = torch.stack([k for k, _ in kv_t])  # (Lt, B, Ht, Tt, Dt)
-        values = torch.stack([v for _, v in kv_t])
-        keys = torch.einsum("sl,lbhtd,bxt->sbhxd", self.layer_weights, keys.float(), A)  # (Ls, B, Ht, Ts, Dt)
-        values = torch.einsum("sl,lbhtd,bxt->sbhxd", self.layer_weights, values.float(), A)
+        keep = teacher["mask"].float()  # (B, Ht, Tt): real tokens, or the slots a compressed store kept
+        A = A[:, None] * keep[:, :, None, :]  # (B, Ht, Ts, Tt): each head reads only what it holds
+        mass = A.sum(-1)  # (B, Ht, Ts)
+        A = A / mass.clamp(min=1e-12)[..., None]
+        keys = torch.stack([k for k, _ in kv_t]).float()  # (Lt, B, Ht, Tt, Dt)
+        values = torch.stack([v for _, v in kv_t]).float()
+        keys = torch.einsum("sl,lbhtd,bhxt->sbhxd", self.layer_weights, keys, A)  # (Ls, B, Ht, Ts, Dt)
+        values = torch.einsum("sl,lbhtd,bhxt->sbhxd", self.layer_weights, values, A)
         targets = [proj(k, v) for proj, k, v in zip(self.projectors, keys, values)]  # Ls x (B, Hs, Ts, Ds)
-        covered = student["attention_mask"].bool() & (A.sum(-1) > 0)  # (B, Ts)
+        covered = student["attention_mask"].bool() & (mass > 0).all(1)  # (B, Ts): every teacher head reaches it
         return targets, list(zip(keys, values)), covered
 
 
@@ -120,3 +128,23 @@ class Distiller(nn.Module):
         if self.kv is None:
             return {"ce": 1.0}
         return {"ce": 1.0, "kv": self.kv.weight, "relation": self.kv.relation_weight}
+
+
+def collate_fn(tokenizer, examples: list[Example], store: KVStore | None = None, max_length: int | None = None):
+    """``collate(indices) -> batch``: the examples encoded by the student's tokenizer (right-padded, with
+    offsets and segment bounds) and, with a store, the teacher's stored KV of the same examples."""
+    if store is not None and store.ids != [e.id for e in examples]:
+        raise ValueError(
+            f"the KV store holds {len(store)} examples that are not these {len(examples)} in this order; "
+            "extract the store over the same split the student trains on"
+        )
+
+    def collate(indices) -> dict:
+        chunk = [examples[i] for i in indices]
+        spans = [{name: e.spans[name] for name in SEGMENTS} for e in chunk]
+        batch = encode_batch(tokenizer, [e.text for e in chunk], spans, max_length)
+        if store is not None:
+            batch["teacher"] = store.batch(list(indices))
+        return batch
+
+    return collate

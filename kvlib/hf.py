@@ -80,3 +80,20 @@ def forward_with_kv(
 def extract_kv(model, input_ids: Tensor, attention_mask: Tensor | None = None) -> list[tuple[Tensor, Tensor]]:
     """The cache of ``model`` over ``input_ids`` (B, T): L pairs of (B, H, T, D); see ``forward_with_kv``."""
     return forward_with_kv(model, input_ids, attention_mask)[1]
+
+
+def extract_kv_and_attention(
+    model, input_ids: Tensor, attention_mask: Tensor | None = None
+) -> tuple[list[tuple[Tensor, Tensor]], list[Tensor]]:
+    """The cache (L pairs of (B, H, T, D)) and the attention weights (L of (B, Hq, T, T), rows = queries).
+
+    Attention weights exist only under eager attention: the model is switched to it for this pass and
+    back to its own implementation afterwards.
+    """
+    own = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, output_attentions=True)
+    finally:
+        model.set_attn_implementation(own)
+    return [(layer.keys, layer.values) for layer in out.cache.layers], list(out.attentions)

@@ -1,0 +1,142 @@
+"""Compression of a KV cache to a budget of ``M`` slots per (example, KV head): R-KV-style eviction.
+
+KaVa (Kuzina et al., https://arxiv.org/abs/2510.02312) distils a teacher's chain-of-thought KV cache
+compressed by R-KV's rule (https://arxiv.org/abs/2505.24133): per (layer, KV head) every eligible key
+position gets the score ``S = lam * I + (1 - lam) * R`` (``lam = 0.1``), and the top ``M`` are kept.
+
+- ``importance`` ``I``: the attention mass that the observer queries (e.g. the answer tokens) put on
+  each key. The mass is summed over the observer queries of each query head, then the ``Hq / H``
+  query heads that share a KV head (GQA: query head ``j`` reads KV head ``j // (Hq / H)``) are
+  max-pooled, and the result is normalised to sum to 1 over the eligible keys (all zeros when the
+  observers put no mass on them, e.g. an example without observers).
+- ``redundancy`` ``R``: softmax over the eligible keys of the *negated* mean cosine similarity of a
+  key to the other eligible keys: a key that looks like the rest is redundant and scores low. It
+  costs a ``(B, H, T, T)`` similarity tensor.
+- ``select_slots`` keeps the top-``M`` eligible positions and returns them in time order, with a
+  ``kept`` flag for the padding of examples that have fewer than ``M`` eligible keys;
+  ``crop_slots`` keeps the ``M`` most recent eligible keys instead (the simple baseline);
+  ``gather_slots`` reads the kept slots out of a ``(B, H, T, D)`` tensor.
+
+Everything is vectorised over examples, heads and tokens; scores are computed in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _check_mask(mask: Tensor, B: int, T: int, name: str) -> Tensor:
+    if tuple(mask.shape) != (B, T):
+        raise ValueError(f"{name} must be (B, T) = ({B}, {T}), got shape {tuple(mask.shape)}")
+    return mask.bool()
+
+
+def importance(attn: Tensor, query_mask: Tensor, key_mask: Tensor, num_kv_heads: int) -> Tensor:
+    """``(B, H, T)`` attention mass the observer queries put on each eligible key, summing to 1 over them.
+
+    attn: (B, Hq, T, T) softmaxed attention weights, rows = queries, columns = keys (Hugging Face
+    ``output_attentions=True`` under ``attn_implementation="eager"``); query_mask: (B, T) True on the
+    observer queries; key_mask: (B, T) True on the eligible keys; num_kv_heads: the model's
+    ``num_key_value_heads``, onto which the query heads are max-pooled.
+    """
+    if attn.dim() != 4 or attn.shape[-1] != attn.shape[-2]:
+        raise ValueError(
+            f"attn must be (B, Hq, T, T) attention weights (queries x keys), got shape {tuple(attn.shape)}; "
+            "run the model with output_attentions=True under attn_implementation='eager'"
+        )
+    B, Hq, T, _ = attn.shape
+    if num_kv_heads < 1 or Hq % num_kv_heads != 0:
+        raise ValueError(
+            f"attn has {Hq} query heads, which do not split evenly over num_kv_heads={num_kv_heads}; "
+            "pass the model's num_key_value_heads"
+        )
+    observer = _check_mask(query_mask, B, T, "query_mask")
+    eligible = _check_mask(key_mask, B, T, "key_mask")
+    # masked_fill, not a product: rows of padded queries can hold NaN
+    mass = attn.float().masked_fill(~observer[:, None, :, None], 0).sum(2)  # (B, Hq, T)
+    mass = mass.view(B, num_kv_heads, Hq // num_kv_heads, T).amax(2)  # (B, H, T)
+    mass = mass.masked_fill(~eligible[:, None], 0)
+    return mass / mass.sum(-1, keepdim=True).clamp(min=1e-12)
+
+
+def redundancy(keys: Tensor, key_mask: Tensor) -> Tensor:
+    """``(B, H, T)`` softmax over eligible keys of minus each key's mean cosine similarity to the others.
+
+    keys: (B, H, T, D); key_mask: (B, T) True on the eligible keys. Ineligible keys score 0 and do not
+    enter the other keys' means; a lone eligible key scores 1.
+    """
+    if keys.dim() != 4:
+        raise ValueError(f"keys must be (B, H, T, D), got shape {tuple(keys.shape)}")
+    B, H, T, _ = keys.shape
+    eligible = _check_mask(key_mask, B, T, "key_mask")
+    unit = F.normalize(keys.float(), dim=-1)  # (B, H, T, D)
+    sim = unit @ unit.transpose(-1, -2)  # (B, H, T, T)
+    others = eligible[:, None, None, :] & ~torch.eye(T, dtype=torch.bool, device=keys.device)  # (B, 1, T, T)
+    mean_sim = sim.masked_fill(~others, 0).sum(-1) / others.sum(-1).clamp(min=1)  # (B, H, T)
+    logits = (-mean_sim).masked_fill(~eligible[:, None], float("-inf"))
+    return torch.softmax(logits, dim=-1).masked_fill(~eligible[:, None], 0)  # examples with no eligible key: 0
+
+
+def rkv_scores(attn: Tensor, keys: Tensor, query_mask: Tensor, key_mask: Tensor, lam: float = 0.1) -> Tensor:
+    """R-KV score ``lam * importance + (1 - lam) * redundancy``, (B, H, T), for keys (B, H, T, D)."""
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam weighs importance against redundancy and must lie in [0, 1], got {lam}")
+    i = importance(attn, query_mask, key_mask, keys.shape[1])
+    return lam * i + (1 - lam) * redundancy(keys, key_mask)
+
+
+def select_slots(scores: Tensor, key_mask: Tensor, budget: int) -> tuple[Tensor, Tensor]:
+    """The ``budget`` best-scoring eligible positions of each (example, head), in increasing time order.
+
+    scores: (B, H, T); key_mask: (B, T) True on the eligible keys. Returns ``(positions, kept)``, both
+    (B, H, M) with ``M = budget``: positions (long) index the time axis, kept (bool) is False on the
+    padding of examples with fewer than M eligible keys, which sits after the kept slots at position 0.
+    """
+    if scores.dim() != 3:
+        raise ValueError(f"scores must be (B, H, T), got shape {tuple(scores.shape)}")
+    B, H, T = scores.shape
+    eligible = _check_mask(key_mask, B, T, "key_mask")[:, None].expand(B, H, T)  # (B, H, T)
+    if budget < 1:
+        raise ValueError(f"budget is the number of slots kept per head and must be >= 1, got {budget}")
+    if not torch.isfinite(scores[eligible]).all():
+        raise ValueError("scores hold NaN or inf at eligible positions; compute them from finite attention and keys")
+    k = min(budget, T)
+    idx = scores.masked_fill(~eligible, float("-inf")).topk(k, dim=-1).indices  # (B, H, k)
+    kept = eligible.gather(-1, idx)  # (B, H, k): False where an example ran out of eligible keys
+    order = torch.where(kept, idx, T).sort(dim=-1).values  # (B, H, k): kept positions first, in time order
+    kept = order < T
+    positions = order.masked_fill(~kept, 0)
+    pad = budget - k
+    return F.pad(positions, (0, pad)), F.pad(kept, (0, pad))  # (B, H, M)
+
+
+def crop_slots(key_mask: Tensor, budget: int, num_heads: int) -> tuple[Tensor, Tensor]:
+    """The ``budget`` most recent eligible positions, the same for each of ``num_heads`` heads.
+
+    key_mask: (B, T). Returns ``(positions, kept)`` (B, num_heads, M) as :func:`select_slots` does.
+    """
+    if key_mask.dim() != 2 or num_heads < 1:
+        raise ValueError(
+            f"crop_slots needs key_mask (B, T) and num_heads >= 1, got shape {tuple(key_mask.shape)} "
+            f"and num_heads={num_heads}"
+        )
+    B, T = key_mask.shape
+    recency = torch.arange(T, dtype=torch.float32, device=key_mask.device).expand(B, num_heads, T)  # (B, H, T)
+    return select_slots(recency, key_mask, budget)
+
+
+def gather_slots(x: Tensor, positions: Tensor) -> Tensor:
+    """Read slots: x (B, H, T, D), positions (B, H, M) -> (B, H, M, D)."""
+    if x.dim() != 4 or positions.dim() != 3 or x.shape[:2] != positions.shape[:2]:
+        raise ValueError(
+            f"gather_slots needs x (B, H, T, D) and positions (B, H, M) with the same B and H, got "
+            f"{tuple(x.shape)} and {tuple(positions.shape)}"
+        )
+    if positions.numel() and (positions.min() < 0 or positions.max() >= x.shape[2]):
+        raise ValueError(
+            f"positions must lie in [0, {x.shape[2]}), got [{int(positions.min())}, {int(positions.max())}]; "
+            "select them on this tensor's time axis"
+        )
+    return x.gather(2, positions[..., None].expand(*positions.shape, x.shape[-1]))  # (B, H, M, D)

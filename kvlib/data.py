@@ -1,0 +1,399 @@
+"""The embedded reasoning task, its splits, and the GSM8K-format loader.
+
+An ``Example`` is a question, a chain of thought and an integer answer. Its ``text`` is
+``"Q: {question}\\nA: {reasoning}\\n#### {answer}"``, and ``spans`` gives the character ranges of its three
+segments (prompt / reasoning / answer), which segment-aware time alignment resamples separately.
+
+The generator writes grade-school word problems that tiny models trained for minutes on a CPU can partly
+learn: operands in ``[2, max_operand]``, every intermediate and final result a non-negative integer below
+1000, division only when exact, 2-4 operations per problem. Two task kinds:
+
+- ``chain``: one quantity transformed step by step (buy, lose, multiply, share out);
+- ``compare``: people's amounts defined relative to each other, then a difference or a total; or a count
+  of the listed numbers above / below a threshold.
+
+and two chain-of-thought styles with the same arithmetic:
+
+- ``equation``: GSM8K-style calculator annotations only, ``<<5+3=8>> <<8*2=16>>``;
+- ``natural``: short sentences with the arithmetic inline, ``Adding 3 gives 5+3=8.``
+
+Every ``a op b=c`` in a reasoning holds in integer arithmetic. A comparison is written like a calculator
+would, ``8>6=1`` and ``3>6=0`` (1 for true), and a count is the sum of those, ``0+1+1=2``. The last result
+is the answer. The number of operations is the number of equations.
+
+Notable choices:
+
+- the question alone determines the problem, and questions are pairwise distinct across all splits: one
+  pool is drawn, then cut into consecutive pieces, so no question appears in two splits;
+- examples are drawn in a fixed cycle over (task, style), so every prefix, and so every split, holds them
+  in equal shares (shuffle before training);
+- a split's hash is the sha256 of exactly the bytes ``save_jsonl`` writes.
+
+GSM8K (Cobbe et al. 2021, https://arxiv.org/abs/2110.14168): one JSON object per line with ``question`` and
+``answer``, the answer being the worked solution (with ``<<48/2=24>>`` annotations) then ``#### 72``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+SEGMENTS = ("prompt", "reasoning", "answer")
+TASKS = ("chain", "compare")
+STYLES = ("equation", "natural")
+MAX_REDRAWS = 1000  # draws in a row that repeat earlier questions before generate gives up
+
+NAMES = (
+    ("Tom", "he"), ("Ann", "she"), ("Ben", "he"), ("Eva", "she"), ("Max", "he"), ("Mia", "she"), ("Leo", "he"),
+    ("Zoe", "she"), ("Sam", "he"), ("Ivy", "she"), ("Dan", "he"), ("Amy", "she"), ("Raj", "he"), ("Kim", "she"),
+    ("Joe", "he"), ("Lea", "she"), ("Omar", "he"), ("Nia", "she"), ("Ken", "he"), ("Liz", "she"),
+)  # fmt: skip
+OBJECTS = ("apples", "stamps", "marbles", "cards", "pencils", "coins", "stickers", "books", "shells", "cookies")
+
+CHAIN_STARTS = ("{name} has {a} {obj}.", "{name} starts with {a} {obj}.", "{name} owns {a} {obj}.")
+CHAIN_STEPS = {
+    "+": ("buys {b} more", "finds {b} more", "gets {b} more", "wins {b} more"),
+    "-": ("gives away {b}", "loses {b}", "sells {b}", "uses {b}"),
+    "*": ("ends up with {b} times as many", "multiplies them by {b}"),
+    "/": ("splits them into {b} equal piles and keeps one", "keeps one of {b} equal shares"),
+}
+CHAIN_JOINS = (", then ", ". Then {pron} ", ". Next {pron} ")
+CHAIN_QUESTIONS = (
+    "How many {obj} does {name} have now?",
+    "How many {obj} does {name} end up with?",
+    "How many {obj} does {name} have in the end?",
+)
+NATURAL_STEPS = {
+    "+": "Adding {b} gives {eq}.",
+    "-": "Taking away {b} leaves {eq}.",
+    "*": "Times {b} gives {eq}.",
+    "/": "Splitting into {b} gives {eq}.",
+}
+
+HAVE = (("has", "have"), ("owns", "own"), ("collects", "collect"))  # (singular, plural)
+RELATIONS = {"+": "{b} more than", "-": "{b} fewer than", "*": "{b} times as many as"}
+FRACTIONS = {2: "half as many as", 3: "a third as many as", 4: "a quarter as many as"}
+DIFFERENCE_QUESTIONS = (
+    "How many {more} {obj} does {p} {have} than {q}?",
+    "How many {more} {obj} than {q} does {p} {have}?",
+)
+TOTAL_QUESTIONS = ("How many {obj} do they {have} together?", "How many {obj} do they {have} in total?")
+COUNT_WORDS = {">": ("more than", "above", "over"), "<": ("less than", "below", "under")}
+COUNT_QUESTIONS = (
+    "How many of {nums} are {cmp} {t}?",
+    "Of the numbers {nums}, how many are {cmp} {t}?",
+    "{name} scores {nums} points in {k} games. In how many games is the score {cmp} {t}?",
+    "{name} has {k} bags with {nums} {obj}. How many bags hold {cmp} {t} {obj}?",
+)
+NUMBER_WORDS = {2: "two", 3: "three"}
+
+
+@dataclass(frozen=True)
+class Example:
+    """One problem. ``id`` is unique and stable; ``answer`` a canonical integer string ("72", "-3")."""
+
+    id: str
+    task: str  # "chain" | "compare" | "gsm8k"
+    style: str  # "equation" | "natural" | "gsm8k"
+    question: str
+    reasoning: str  # the chain of thought, no leading or trailing whitespace
+    answer: str
+
+    def __post_init__(self):
+        if not isinstance(self.answer, str) or _canonical(self.answer) != self.answer:
+            raise ValueError(f"answer must be a canonical integer string like '72' or '-3', got {self.answer!r}")
+
+    @property
+    def prompt(self) -> str:
+        return f"Q: {self.question}\nA:"
+
+    @property
+    def text(self) -> str:
+        return f"{self.prompt} {self.reasoning}\n#### {self.answer}"
+
+    @property
+    def spans(self) -> dict[str, tuple[int, int]]:
+        """Character ``[start, end)`` of each segment of ``text``: contiguous, in SEGMENTS order, covering it."""
+        p = len(self.prompt)
+        r = p + len(self.reasoning) + 2  # " {reasoning}\n"
+        return {"prompt": (0, p), "reasoning": (p, r), "answer": (r, r + 5 + len(self.answer))}
+
+
+# The generator. A draw returns (question, {style: reasoning}, answer).
+
+
+def _apply(x: int, op: str, b: int) -> int:
+    match op:
+        case "+":
+            return x + b
+        case "-":
+            return x - b
+        case "*":
+            return x * b
+        case "/":
+            assert x % b == 0, f"{x}/{b} is not exact"
+            return x // b
+        case ">":
+            return int(x > b)
+        case "<":
+            return int(x < b)
+
+
+def _step(rng: random.Random, x: int, max_operand: int, divisors: range) -> tuple[str, int]:
+    """A random operation (op, operand) on x whose result is a whole number in [1, 999]."""
+    options = []
+    if x + 2 <= 999:
+        options.append(("+", range(2, min(max_operand, 999 - x) + 1)))
+    if x >= 3:
+        options.append(("-", range(2, min(max_operand, x - 1) + 1)))
+    if 2 * x <= 999:
+        options.append(("*", range(2, min(max_operand, 999 // x) + 1)))
+    exact = [b for b in divisors if x % b == 0]
+    if exact:
+        options.append(("/", exact))
+    op, operands = rng.choice(options)
+    return op, rng.choice(operands)
+
+
+def _render(eqs: list[str], sentences: list[str]) -> dict[str, str]:
+    return {"equation": " ".join(f"<<{eq}>>" for eq in eqs), "natural": " ".join(sentences)}
+
+
+def _chain(rng: random.Random, max_operand: int) -> tuple[str, dict[str, str], str]:
+    """Tom has 5 apples. He buys 3 more, then doubles them ... How many apples does Tom have now?"""
+    (name, pron), obj = rng.choice(NAMES), rng.choice(OBJECTS)
+    x = start = rng.randint(2, max_operand)
+    eqs, phrases, sentences = [], [], []
+    for _ in range(rng.choice((2, 3, 4))):
+        op, b = _step(rng, x, max_operand, range(2, max_operand + 1))
+        y = _apply(x, op, b)
+        eqs.append(f"{x}{op}{b}={y}")
+        phrases.append(rng.choice(CHAIN_STEPS[op]).format(b=b))
+        sentences.append(NATURAL_STEPS[op].format(b=b, eq=eqs[-1]))
+        x = y
+    join = rng.choice(CHAIN_JOINS).format(pron=pron)
+    question = " ".join(
+        [
+            rng.choice(CHAIN_STARTS).format(name=name, a=start, obj=obj),
+            f"{pron.capitalize()} {join.join(phrases)}.",
+            rng.choice(CHAIN_QUESTIONS).format(name=name, obj=obj),
+        ]
+    )
+    return question, _render(eqs, sentences), str(x)
+
+
+def _relations(rng: random.Random, max_operand: int, people: int, total: bool) -> tuple[str, dict[str, str], str]:
+    """Ann has 12 stamps. Ben has 7 more than Ann. ... then a difference (first vs last) or a total."""
+    names = [name for name, _ in rng.sample(NAMES, people)]
+    obj, (has, have) = rng.choice(OBJECTS), rng.choice(HAVE)
+    while True:  # redraw the numbers until the difference is not zero / the total stays below 1000
+        values, steps = [rng.randint(2, max_operand)], []
+        for _ in range(people - 1):
+            steps.append(_step(rng, values[-1], max_operand, range(2, min(4, max_operand) + 1)))
+            values.append(_apply(values[-1], *steps[-1]))
+        if sum(values) <= 999 if total else values[0] != values[-1]:
+            break
+    parts = [f"{names[0]} {has} {values[0]} {obj}"]
+    eqs, sentences = [], []
+    for i, (op, b) in enumerate(steps):
+        relation = FRACTIONS[b] if op == "/" else RELATIONS[op].format(b=b)
+        parts.append(f"{names[i + 1]} {has} {relation} {names[i]}")
+        eqs.append(f"{values[i]}{op}{b}={values[i + 1]}")
+        sentences.append(f"{names[i + 1]} has {eqs[-1]}.")
+    facts = ". ".join(parts) + "." if rng.random() < 0.5 else ", ".join(parts[:-1]) + f", and {parts[-1]}."
+    if total:
+        question = rng.choice(TOTAL_QUESTIONS).format(obj=obj, have=have)
+        sums, acc = [], values[0]
+        for v in values[1:]:
+            sums.append(f"{acc}+{v}={acc + v}")
+            acc += v
+        eqs += sums
+        sentences.append(f"Together: {', '.join(sums)}.")
+        answer = acc
+    else:
+        p, q = rng.choice(((0, -1), (-1, 0)))  # who is asked about, compared with whom
+        more = "more" if values[p] > values[q] else "fewer"
+        big, small = max(values[0], values[-1]), min(values[0], values[-1])
+        question = rng.choice(DIFFERENCE_QUESTIONS).format(more=more, obj=obj, p=names[p], have=have, q=names[q])
+        eqs.append(f"{big}-{small}={big - small}")
+        sentences.append(f"The difference is {eqs[-1]}.")
+        answer = big - small
+    return f"{facts} {question}", _render(eqs, sentences), str(answer)
+
+
+def _count(rng: random.Random, max_operand: int, k: int) -> tuple[str, dict[str, str], str]:
+    """How many of 3, 8 and 12 are more than 6?  <<3>6=0>> <<8>6=1>> <<12>6=1>> <<0+1+1=2>>"""
+    (name, _), obj = rng.choice(NAMES), rng.choice(OBJECTS)
+    values = [rng.randint(2, max_operand) for _ in range(k)]
+    t, op = rng.randint(min(values), max(values)), rng.choice("<>")  # a threshold within the values' range
+    nums = ", ".join(map(str, values[:-1])) + f" and {values[-1]}"
+    question = rng.choice(COUNT_QUESTIONS).format(
+        nums=nums, cmp=rng.choice(COUNT_WORDS[op]), t=t, name=name, obj=obj, k=NUMBER_WORDS[k]
+    )
+    flags = [_apply(v, op, t) for v in values]
+    checks = [f"{v}{op}{t}={f}" for v, f in zip(values, flags)]
+    total = f"{'+'.join(map(str, flags))}={sum(flags)}"
+    natural = f"Checking: {', '.join(checks[:-1])} and {checks[-1]}, so the count is {total}."
+    return question, _render([*checks, total], [natural]), str(sum(flags))
+
+
+def _compare(rng: random.Random, max_operand: int) -> tuple[str, dict[str, str], str]:
+    """2-4 operations: relations + difference (2-4), relations + total (2 or 4), or a count of 2-3 numbers (3-4)."""
+    n_ops = rng.choice((2, 3, 4))
+    kind = rng.choice(
+        {2: ("difference", "total"), 3: ("difference", "count"), 4: ("difference", "total", "count")}[n_ops]
+    )
+    match kind:
+        case "difference":
+            return _relations(rng, max_operand, people=n_ops, total=False)
+        case "total":
+            return _relations(rng, max_operand, people=n_ops // 2 + 1, total=True)
+        case "count":
+            return _count(rng, max_operand, k=n_ops - 1)
+
+
+DRAW = {"chain": _chain, "compare": _compare}
+
+
+def generate(n: int, seed: int, tasks=TASKS, styles=STYLES, max_operand: int = 20) -> list[Example]:
+    """n examples with pairwise distinct questions, deterministic from seed.
+
+    Example ``i`` has the ``i % (len(tasks) * len(styles))``-th (task, style) pair, so the pairs come in
+    equal shares; its id is ``f"{task}-{i:05d}"``.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    for name, given, known in (("tasks", tasks, TASKS), ("styles", styles, STYLES)):
+        if not given or not set(given) <= set(known):
+            raise ValueError(f"{name} must be a non-empty selection of {known}, got {given!r}")
+    if not 2 <= max_operand <= 100:
+        raise ValueError(f"max_operand must be in [2, 100] so that operands stay small, got {max_operand}")
+    rng = random.Random(seed)
+    cells = [(task, style) for task in tasks for style in styles]
+    seen, examples = set(), []
+    for i in range(n):
+        task, style = cells[i % len(cells)]
+        for _ in range(MAX_REDRAWS):
+            question, reasoning, answer = DRAW[task](rng, max_operand)
+            if question not in seen:
+                break
+        else:
+            raise ValueError(
+                f"asked for {n} distinct questions but found only {i}: {MAX_REDRAWS} {task!r} draws in a row repeated "
+                f"earlier questions (max_operand={max_operand}); ask for fewer examples or raise max_operand"
+            )
+        seen.add(question)
+        examples.append(Example(f"{task}-{i:05d}", task, style, question, reasoning[style], answer))
+    return examples
+
+
+def make_splits(sizes: dict[str, int], seed: int, **generate_kwargs) -> dict[str, list[Example]]:
+    """Disjoint splits ``{name: examples}``: one pool of ``sum(sizes)`` distinct questions, cut in order."""
+    if not sizes or any(not isinstance(v, int) or v < 0 for v in sizes.values()):
+        raise ValueError(f"sizes must map split names to counts >= 0, e.g. {{'train': 100}}, got {sizes}")
+    pool = generate(sum(sizes.values()), seed, **generate_kwargs)
+    splits, start = {}, 0
+    for name, size in sizes.items():
+        splits[name] = pool[start : start + size]
+        start += size
+    return splits
+
+
+# Files.
+
+
+def _jsonl(examples: list[Example]) -> str:
+    return "".join(json.dumps(asdict(e), ensure_ascii=False) + "\n" for e in examples)
+
+
+def split_sha256(examples: list[Example]) -> str:
+    """sha256 (hex) of the split's canonical JSONL: exactly the bytes save_jsonl writes."""
+    return hashlib.sha256(_jsonl(examples).encode("utf-8")).hexdigest()
+
+
+def save_jsonl(examples: list[Example], path: str | Path) -> None:
+    """Write one JSON object per example and line, atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(_jsonl(examples).encode("utf-8"))
+    os.replace(tmp, path)
+
+
+def _read_jsonl(path: str | Path):
+    """(line number, object) for each non-blank line; line numbers count from 1."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{lineno}: expected one JSON object per line, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def load_jsonl(path: str | Path) -> list[Example]:
+    """Read examples written by save_jsonl."""
+    keys = [f.name for f in fields(Example)]
+    examples = []
+    for lineno, obj in _read_jsonl(path):
+        missing, unknown = sorted(set(keys) - set(obj)), sorted(set(obj) - set(keys))
+        if missing or unknown:
+            raise ValueError(
+                f"{path}:{lineno}: missing keys {missing}, unknown keys {unknown}; an example line has exactly {keys}"
+            )
+        try:
+            examples.append(Example(**obj))
+        except ValueError as e:
+            raise ValueError(f"{path}:{lineno}: {e}") from None
+    return examples
+
+
+def load_gsm8k(path: str | Path) -> list[Example]:
+    """Read a GSM8K-format JSONL (``question``, ``answer`` = solution + ``#### n``); ids ``gsm8k-<line>``."""
+    examples = []
+    for lineno, obj in _read_jsonl(path):
+        bad = [k for k in ("question", "answer") if not isinstance(obj.get(k), str)]
+        if bad:
+            raise ValueError(
+                f"{path}:{lineno}: keys {bad} are missing or not strings; GSM8K lines hold "
+                f"'question' and 'answer' strings, got keys {sorted(obj)}"
+            )
+        reasoning, sep, final = obj["answer"].partition("####")
+        if not sep:
+            raise ValueError(
+                f"{path}:{lineno}: the answer has no '####' before its final number: ...{obj['answer'][-60:]!r}"
+            )
+        answer = _canonical(final.strip())
+        if answer is None:
+            raise ValueError(f"{path}:{lineno}: the final answer {final.strip()!r} after '####' is not an integer")
+        examples.append(
+            Example(f"gsm8k-{lineno}", "gsm8k", "gsm8k", obj["question"].strip(), reasoning.strip(), answer)
+        )
+    return examples
+
+
+# Answers.
+
+_FINAL = re.compile(r" *(-?\d[\d,]*)(\.\d)?")
+
+
+def _canonical(s: str) -> str | None:
+    """The canonical form of an integer string ("1,234" -> "1234", "-03" -> "-3"); None if s is not one."""
+    return str(int(s.replace(",", ""))) if re.fullmatch(r"-?\d[\d,]*", s) else None
+
+
+def parse_answer(generated: str) -> str | None:
+    """The canonical integer after the first ``#### `` in generated text (commas removed, anything after the
+    number ignored); None when there is no ``#### `` or no integer right after it (a decimal counts as none)."""
+    start = generated.find("#### ")
+    m = _FINAL.match(generated, start + 5) if start >= 0 else None
+    return None if m is None or m.group(2) else str(int(m.group(1).replace(",", "")))

@@ -1,0 +1,90 @@
+"""Teacher KV extraction: run a teacher once over the student's training set and write a KV store.
+
+Each example is tokenised with the *teacher's* tokenizer (its own offsets and segment bounds go into
+the store, so training can align any student to it), the teacher runs without gradients, and its
+cache is written by ``kvlib.kvstore.write_store`` in half precision. With ``pre_rope`` the keys are
+un-rotated with the teacher's own RoPE settings first (the default: keys of models with different
+RoPE are only comparable before rotation).
+
+Optional compression keeps ``budget`` slots per (example, KV head) among the prompt and reasoning
+tokens; the answer tokens are the observers whose attention decides importance (KaVa / R-KV:
+``S = lam * I + (1 - lam) * R`` on each layer, averaged over layers, so one selection per head serves
+every layer), or ``crop`` keeps the most recent ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from kvlib.compress import crop_slots, gather_slots, rkv_scores, select_slots
+from kvlib.data import SEGMENTS, Example
+from kvlib.hf import extract_kv, extract_kv_and_attention, kv_spec
+from kvlib.kvstore import KVStore, write_store
+from kvlib.rope import unrotate_keys
+from kvlib.text import encode_batch
+
+COMPRESSIONS = ("rkv", "crop")
+
+
+def _segment_masks(bounds: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) masks of the answer tokens (observers) and of the prompt + reasoning tokens (eligible)."""
+    t = torch.arange(T)[None]  # (1, T)
+    answer_start, end = bounds[:, -2:-1], bounds[:, -1:]
+    return (t >= answer_start) & (t < end), t < answer_start
+
+
+@torch.no_grad()
+def extract_store(
+    model,
+    tokenizer,
+    examples: list[Example],
+    directory: str | Path,
+    batch_size: int = 32,
+    pre_rope: bool = True,
+    budget: int | None = None,
+    compression: str = "rkv",
+    lam: float = 0.1,
+    meta: dict | None = None,
+    progress: bool = True,
+) -> KVStore:
+    """Write the KV store of ``model`` over ``examples`` to ``directory`` and open it."""
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
+    if budget is not None and budget < 1:
+        raise ValueError(f"budget must be >= 1 slot per head, or None for no compression; got {budget}")
+    model.eval()
+    spec = kv_spec(model.config)
+
+    def batches():
+        for i in tqdm(range(0, len(examples), batch_size), disable=not progress, desc="teacher KV"):
+            chunk = examples[i : i + batch_size]
+            spans = [{name: e.spans[name] for name in SEGMENTS} for e in chunk]
+            enc = encode_batch(tokenizer, [e.text for e in chunk], spans)
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+            if budget is not None and compression == "rkv":
+                kv, attn = extract_kv_and_attention(model, ids, mask)
+            else:
+                kv, attn = extract_kv(model, ids, mask), None
+            if pre_rope:
+                positions = torch.arange(ids.shape[1])
+                kv = [(unrotate_keys(k, positions, model.config), v) for k, v in kv]
+            batch = {"ids": [e.id for e in chunk], "kv": kv, "attention_mask": mask}
+            batch |= {"offsets": enc["offsets"], "segment_bounds": enc["segment_bounds"]}
+            if budget is not None:
+                observers, eligible = _segment_masks(enc["segment_bounds"], ids.shape[1])
+                eligible &= mask.bool()
+                if attn is None:
+                    positions, kept = crop_slots(eligible, budget, spec.num_kv_heads)
+                else:
+                    scores = torch.stack([rkv_scores(a, k, observers, eligible, lam) for a, (k, _) in zip(attn, kv)])
+                    positions, kept = select_slots(scores.mean(0), eligible, budget)  # (B, H, M)
+                batch["kv"] = [(gather_slots(k, positions), gather_slots(v, positions)) for k, v in kv]
+                batch |= {"positions": positions, "kept": kept}
+            yield batch
+
+    settings = {"pre_rope": pre_rope, "budget": budget, "compression": compression if budget else None, "lam": lam}
+    write_store(directory, batches(), spec, {**(meta or {}), **settings})
+    return KVStore(directory)

@@ -1,0 +1,207 @@
+"""The distillation engine end to end on smoke sizes: store -> aligner -> Distiller -> train -> evaluate."""
+
+import json
+
+import pytest
+import torch
+
+from kvlib.config import KVConfig, ModelShape, TrainConfig
+from kvlib.data import generate
+from kvlib.distill import Distiller, TeacherAligner, collate_fn
+from kvlib.evaluate import evaluate
+from kvlib.evaluate import generate as greedy
+from kvlib.hf import extract_kv, kv_spec
+from kvlib.layers import layer_map
+from kvlib.rope import unrotate_keys
+from kvlib.teacher_kv import extract_store
+from kvlib.text import encode_batch, train_tokenizer
+from kvlib.train import train
+
+FAST = dict(batch_size=4, lr=3e-3, warmup_steps=2, log_every=1, save_every=2, share_every=2)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    examples = generate(16, seed=0, max_operand=9)
+    tok_t = train_tokenizer("char", [e.text for e in examples])
+    tok_s = train_tokenizer("bpe", [e.text for e in examples], vocab_size=300)
+    teacher = ModelShape("qwen2", 3, 4, 2, 16, 64).build(len(tok_t), seed=1)
+    store = extract_store(teacher, tok_t, examples, tmp_path_factory.mktemp("store"), batch_size=5, progress=False)
+    return examples, tok_t, tok_s, teacher, store
+
+
+def student(tok, seed=0):
+    return ModelShape("llama", 2, 4, 1, 8, 32).build(len(tok), seed=seed)
+
+
+def distiller(setup, seed=0, **kv):
+    examples, _, tok_s, teacher, store = setup
+    s = student(tok_s, seed)
+    cfg = KVConfig(**kv)
+    spec_t, spec_s = store.spec, kv_spec(s.config)
+    aligner = TeacherAligner(spec_t, spec_s, layer_map(3, 2, cfg.layer_map), cfg.projector, cfg.time_align)
+    return Distiller(s, aligner, cfg), collate_fn(tok_s, examples, store)
+
+
+def test_store_holds_the_teachers_pre_rope_kv(setup):
+    examples, tok_t, _, teacher, store = setup
+    enc = encode_batch(tok_t, [e.text for e in examples[:3]])
+    with torch.no_grad():
+        kv = extract_kv(teacher.eval(), enc["input_ids"], enc["attention_mask"])
+    batch = store.batch([0, 1, 2])
+    assert store.meta["pre_rope"] and len(batch["kv"]) == 3
+    k_pre = unrotate_keys(kv[2][0], torch.arange(enc["input_ids"].shape[1]), teacher.config)
+    n = int(enc["attention_mask"][1].sum())
+    torch.testing.assert_close(batch["kv"][2][0][1, :, :n], k_pre[1, :, :n], atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(batch["kv"][2][1][1, :, :n], kv[2][1][1, :, :n], atol=2e-3, rtol=2e-3)
+    assert batch["mask"][1, :, :n].all() and not batch["mask"][1, :, n:].any()
+
+
+@pytest.mark.parametrize("compression", ["rkv", "crop"])
+def test_compressed_store_keeps_the_budget_among_prompt_and_reasoning(setup, tmp_path, compression):
+    examples, tok_t, _, teacher, _ = setup
+    store = extract_store(teacher, tok_t, examples[:6], tmp_path, budget=7, compression=compression, progress=False)
+    batch = store.batch(range(6))
+    assert (batch["mask"].sum(-1) == 7).all()  # (B, H): 7 slots kept per head
+    answer_start = batch["segment_bounds"][:, -2]
+    kept_at = torch.arange(batch["mask"].shape[-1])[None, None].expand_as(batch["mask"])[batch["mask"]]
+    assert (kept_at.view(6, -1) < answer_start[:, None]).all()
+    assert store.meta["compression"] == compression and store.meta["budget"] == 7
+
+
+def test_ce_only_distiller_matches_the_models_own_loss(setup):
+    examples, _, tok_s, _, _ = setup
+    s = student(tok_s)
+    batch = collate_fn(tok_s, examples)(range(4))
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    expected = s(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
+    terms = Distiller(s)(batch)
+    torch.testing.assert_close(terms["ce"], expected)
+    assert set(terms) == {"ce", "loss"}
+
+
+@pytest.mark.parametrize("time_align", ["global", "segment", "span"])
+def test_aligned_targets_have_the_students_shape_and_cover_its_tokens(setup, time_align):
+    d, collate = distiller(setup, time_align=time_align)
+    batch = collate(range(4))
+    targets, unprojected, covered = d.aligner(batch["teacher"], batch)
+    B, Ts = batch["input_ids"].shape
+    assert [tuple(k.shape) for k, _ in targets] == [(B, 1, Ts, 8)] * 2
+    assert [tuple(v.shape) for _, v in unprojected] == [(B, 2, Ts, 16)] * 2
+    assert torch.equal(covered, batch["attention_mask"].bool())
+
+
+def test_kv_terms_reach_the_student_and_the_projectors(setup):
+    d, collate = distiller(setup, relation_weight=0.5, relation_heads=2)
+    terms = d(collate(range(4)))
+    assert set(terms) == {"ce", "kv", "relation", "loss"}
+    torch.testing.assert_close(terms["loss"], terms["ce"] + terms["kv"] + 0.5 * terms["relation"])
+    terms["loss"].backward()
+    assert d.student.model.layers[0].self_attn.k_proj.weight.grad.abs().sum() > 0
+    assert d.aligner.projectors[1].mix_v.grad.abs().sum() > 0
+
+
+def run(setup, out, kv=True, **overrides):
+    if kv:
+        d, collate = distiller(setup)
+    else:
+        examples, _, tok_s, _, _ = setup
+        d, collate = Distiller(student(tok_s)), collate_fn(tok_s, setup[0])
+    cfg = TrainConfig(**{**FAST, "steps": 5, **overrides})
+    summary = train(d, collate, len(setup[0]), cfg, out, progress=False)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return d, summary, [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def test_same_seed_gives_identical_metrics_and_parameters(setup, tmp_path):
+    a, _, rows_a = run(setup, tmp_path / "a")
+    b, _, rows_b = run(setup, tmp_path / "b")
+    assert rows_a == rows_b and len(rows_a) == 5
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert "grad_share" in rows_a[1] and sum(rows_a[1]["grad_share"].values()) == pytest.approx(1.0)
+
+
+def test_resumed_run_ends_where_an_uninterrupted_one_does(setup, tmp_path):
+    full, _, rows_full = run(setup, tmp_path / "full")
+    d, collate = distiller(setup)
+    cfg = TrainConfig(**{**FAST, "steps": 5})
+    partial = train(d, collate, len(setup[0]), cfg, tmp_path / "cut", stop_at=3, progress=False)
+    assert partial["steps"] == 3 and not partial["finished"]
+    resumed, collate = distiller(setup, seed=7)  # fresh weights: everything must come from the checkpoint
+    summary = train(resumed, collate, len(setup[0]), cfg, tmp_path / "cut", progress=False)
+    assert summary["finished"]
+    assert all(torch.equal(p, q) for p, q in zip(full.parameters(), resumed.parameters()))
+    rows = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in rows] == rows_full
+    assert (tmp_path / "cut" / "model" / "config.json").exists()
+
+
+def test_training_lowers_the_loss(setup, tmp_path):
+    _, _, rows = run(setup, tmp_path, kv=False, steps=12, save_every=100, lr=1e-2)
+    assert rows[-1]["ce"] < rows[0]["ce"]
+
+
+def test_batched_greedy_decoding_matches_one_at_a_time(setup):
+    examples, _, tok_s, _, _ = setup
+    s = student(tok_s)
+    prompts = [e.prompt for e in examples[:5]]
+    assert greedy(s, tok_s, prompts, 12, batch_size=5) == [greedy(s, tok_s, [p], 12)[0] for p in prompts]
+
+
+def test_evaluate_writes_one_record_per_example(setup, tmp_path):
+    examples, _, tok_s, _, _ = setup
+    metrics = evaluate(student(tok_s), tok_s, examples[:6], tmp_path / "pred.jsonl", max_new_tokens=8)
+    records = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in records] == [e.id for e in examples[:6]]
+    assert metrics["n"] == 6 and metrics["accuracy"] == sum(r["correct"] for r in records) / 6
+    assert set(records[0]) == {"id", "task", "gold", "prediction", "correct", "generated"}
+
+
+def test_collate_rejects_a_store_of_other_examples(setup):
+    examples, _, tok_s, _, store = setup
+    with pytest.raises(ValueError, match="the KV store holds 16 examples that are not these 15"):
+        collate_fn(tok_s, examples[1:], store)
+
+
+def test_distiller_needs_aligner_and_kv_config_together(setup):
+    with pytest.raises(ValueError, match="pass both a teacher aligner and a KVConfig"):
+        Distiller(student(setup[2]), kv=KVConfig())
+
+
+def test_distiller_rejects_an_aligner_for_another_student(setup):
+    d, _ = distiller(setup)
+    other = ModelShape("llama", 2, 4, 2, 8, 32).build(len(setup[2]), seed=0)
+    with pytest.raises(ValueError, match="aligner targets KVSpec"):
+        Distiller(other, d.aligner, KVConfig())
+
+
+def test_aligner_rejects_a_layer_map_of_other_depths(setup):
+    store = setup[4]
+    with pytest.raises(ValueError, match="layer map goes from 4 to 2 layers but the teacher has 3"):
+        TeacherAligner(store.spec, kv_spec(student(setup[2]).config), layer_map(4, 2), "linear", "span")
+
+
+def test_aligner_rejects_a_teacher_batch_of_other_depth(setup):
+    d, collate = distiller(setup)
+    batch = collate(range(4))
+    batch["teacher"]["kv"] = batch["teacher"]["kv"][:2]
+    with pytest.raises(ValueError, match="teacher batch has 2 layers but the aligner was built for 3"):
+        d(batch)
+
+
+def test_train_rejects_fewer_examples_than_a_batch(setup, tmp_path):
+    d, collate = distiller(setup)
+    with pytest.raises(ValueError, match="3 training examples are fewer than one batch of 4"):
+        train(d, collate, 3, TrainConfig(**FAST), tmp_path)
+
+
+def test_extract_store_rejects_unknown_compression(setup, tmp_path):
+    examples, tok_t, _, teacher, _ = setup
+    with pytest.raises(ValueError, match="compression must be one of"):
+        extract_store(teacher, tok_t, examples, tmp_path, budget=4, compression="random")
+
+
+def test_extract_store_rejects_empty_budget(setup, tmp_path):
+    examples, tok_t, _, teacher, _ = setup
+    with pytest.raises(ValueError, match="budget must be >= 1 slot per head"):
+        extract_store(teacher, tok_t, examples, tmp_path, budget=0)
