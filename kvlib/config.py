@@ -111,3 +111,33 @@ class KVConfig:
                 f"weights must be >= 0, got weight={self.weight}, k_weight={self.k_weight}, "
                 f"v_weight={self.v_weight}, relation_weight={self.relation_weight}"
             )
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """A tokenizer trained on the training texts: ``char`` (vocab_size None) or byte-level ``bpe``."""
+
+    kind: str = "bpe"
+    vocab_size: int | None = 384
+
+    def __post_init__(self):
+        _choice("tokenizer kind", self.kind, ("char", "bpe"))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A model to train: its shape (built from config), tokenizer, optimisation and decoding budget."""
+
+    shape: ModelShape
+    tokenizer: TokenizerConfig
+    train: TrainConfig
+    max_new_tokens: int = 96  # greedy decoding budget at evaluation
+
+    @classmethod
+    def from_params(cls, params: dict) -> ModelConfig:
+        values = dict(params)
+        for key, sub in (("shape", ModelShape), ("tokenizer", TokenizerConfig), ("train", TrainConfig)):
+            if key not in values:
+                raise ValueError(f"model params need a {key!r} section; got keys {sorted(values)}")
+            values[key] = from_dict(sub, values[key])
+        return from_dict(cls, values)

@@ -1,0 +1,141 @@
+"""The pipeline's stages as plain functions (the notebooks call these): data, teachers, teacher KV, students.
+
+Every stage reads what the previous one wrote (JSONL splits, local checkpoints, KV stores) and writes
+its own folder, so each can run alone, in a notebook, under DVC or under ``accelerate launch``:
+
+- ``prepare_data``: the embedded task's disjoint splits (or a GSM8K JSONL as the test split), with
+  the SHA-256 of each split in ``splits.json``;
+- ``train_teacher``: a tokenizer trained on the teacher-training split, a model built from its shape,
+  trained with CE on prompt + reasoning + answer, saved (``model/``, ``tokenizer/`` apart, see the
+  tokenizer trap in REFERENCE.md) and evaluated on the test split;
+- ``extract_teacher_kv``: the teacher's KV over the student-training split, as a KV store;
+- ``train_student``: one student (one group, one seed) trained with CE and, when the group names a
+  teacher, the KV loss against that teacher's store; evaluated on the test split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from kvlib.config import KVConfig, ModelConfig, from_dict
+from kvlib.data import load_gsm8k, load_jsonl, make_splits, save_jsonl, split_sha256
+from kvlib.distill import Distiller, TeacherAligner, collate_fn
+from kvlib.evaluate import evaluate
+from kvlib.hf import kv_spec
+from kvlib.kvstore import KVStore
+from kvlib.layers import layer_map
+from kvlib.models import load_model
+from kvlib.teacher_kv import extract_store
+from kvlib.text import load_tokenizer, save_tokenizer, train_tokenizer
+from kvlib.train import train
+
+SPLITS = ("teacher_train", "student_train", "validation", "test")
+
+
+def write_json(path: str | Path, obj) -> None:
+    """Write ``obj`` as JSON, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def prepare_data(sizes: dict, seed: int, max_operand: int, out_dir: str | Path, gsm8k_test: str = "") -> dict:
+    """Write ``{split}.jsonl`` for the four splits and ``splits.json`` (sizes, SHA-256); return the latter."""
+    missing = sorted(set(SPLITS) - set(sizes))
+    if missing:
+        raise ValueError(f"sizes lack splits {missing}; give sizes for all of {SPLITS}")
+    splits = make_splits(sizes, seed, max_operand=max_operand)
+    if gsm8k_test:
+        splits["test"] = load_gsm8k(gsm8k_test)
+    out = Path(out_dir)
+    for name, examples in splits.items():
+        save_jsonl(examples, out / f"{name}.jsonl")
+    summary = {
+        name: {"n": len(ex), "sha256": split_sha256(ex), "tasks": sorted({e.task for e in ex})}
+        for name, ex in splits.items()
+    }
+    write_json(out / "splits.json", summary)
+    return summary
+
+
+def load_splits(data_dir: str | Path) -> dict:
+    return {name: load_jsonl(Path(data_dir) / f"{name}.jsonl") for name in SPLITS}
+
+
+def train_teacher(params: dict, data_dir: str | Path, out_dir: str | Path, progress: bool = True) -> dict:
+    """Train one teacher (tokenizer, model, CE training) on the teacher-training split; evaluate it on test."""
+    cfg = ModelConfig.from_params(params)
+    splits, out = load_splits(data_dir), Path(out_dir)
+    texts = [e.text for e in splits["teacher_train"]]
+    tokenizer = train_tokenizer(cfg.tokenizer.kind, texts, cfg.tokenizer.vocab_size)
+    save_tokenizer(tokenizer, out / "tokenizer")
+    model = cfg.shape.build(len(tokenizer), cfg.train.seed)
+    start = time.perf_counter()
+    train(
+        Distiller(model), collate_fn(tokenizer, splits["teacher_train"]), len(texts), cfg.train, out, progress=progress
+    )
+    seconds = time.perf_counter() - start
+    metrics = evaluate(model, tokenizer, splits["test"], out / "test_predictions.jsonl", cfg.max_new_tokens)
+    metrics |= {"train_seconds": round(seconds, 1), "parameters": sum(p.numel() for p in model.parameters())}
+    metrics |= {"kv_spec": vars(kv_spec(model.config)), "family": cfg.shape.family, "tokens": len(tokenizer)}
+    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def extract_teacher_kv(
+    teacher_dir: str | Path, data_dir: str | Path, out_dir: str | Path, budget: int | None = None, **options
+) -> KVStore:
+    """The teacher's KV over the student-training split (pre-RoPE keys, fp16), optionally compressed."""
+    teacher_dir = Path(teacher_dir)
+    model, tokenizer = load_model(teacher_dir / "model"), load_tokenizer(teacher_dir / "tokenizer")
+    examples = load_splits(data_dir)["student_train"]
+    meta = {"teacher": str(teacher_dir), "model_type": model.config.model_type}
+    return extract_store(model, tokenizer, examples, out_dir, budget=budget, meta=meta, **options)
+
+
+def train_student(
+    params: dict,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    seed: int,
+    kv: dict | None = None,
+    store_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train one student on the student-training split: CE only, or CE + KV loss against a teacher's store."""
+    if (kv is None) != (store_dir is None):
+        raise ValueError("give both kv settings and a store_dir for KV distillation, or neither for CE only")
+    base = ModelConfig.from_params(params)
+    cfg = ModelConfig(base.shape, base.tokenizer, from_dict(type(base.train), {**vars(base.train), "seed": seed}))
+    splits, out = load_splits(data_dir), Path(out_dir)
+    examples = splits["student_train"]
+    tokenizer = train_tokenizer(cfg.tokenizer.kind, [e.text for e in examples], cfg.tokenizer.vocab_size)
+    save_tokenizer(tokenizer, out / "tokenizer")
+    model = cfg.shape.build(len(tokenizer), seed)
+    store = None
+    if kv is None:
+        distiller = Distiller(model)
+    else:
+        kv_cfg = from_dict(KVConfig, kv)
+        store = KVStore(store_dir)
+        if kv_cfg.pre_rope != store.meta["pre_rope"]:
+            raise ValueError(
+                f"kv.pre_rope={kv_cfg.pre_rope} but the store at {store_dir} holds "
+                f"{'pre' if store.meta['pre_rope'] else 'post'}-RoPE keys; extract it with pre_rope={kv_cfg.pre_rope}"
+            )
+        spec_s = kv_spec(model.config)
+        lmap = layer_map(store.spec.num_layers, spec_s.num_layers, kv_cfg.layer_map)
+        aligner = TeacherAligner(store.spec, spec_s, lmap, kv_cfg.projector, kv_cfg.time_align)
+        distiller = Distiller(model, aligner, kv_cfg)
+    start = time.perf_counter()
+    train(distiller, collate_fn(tokenizer, examples, store), len(examples), cfg.train, out, progress=progress)
+    seconds = time.perf_counter() - start
+    metrics = evaluate(model, tokenizer, splits["test"], out / "test_predictions.jsonl", cfg.max_new_tokens)
+    metrics |= {"train_seconds": round(seconds, 1), "seed": seed}
+    write_json(out / "metrics.json", metrics)
+    return metrics

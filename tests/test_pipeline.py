@@ -1,0 +1,98 @@
+"""The pipeline's stages from Python on smoke sizes: data -> teacher -> teacher KV -> students."""
+
+import json
+
+import pytest
+
+from kvlib.config import ModelConfig
+from kvlib.data import load_jsonl, split_sha256
+from kvlib.kvstore import KVStore
+from kvlib.pipeline import extract_teacher_kv, load_splits, prepare_data, train_student, train_teacher
+
+SIZES = {"teacher_train": 24, "student_train": 12, "validation": 4, "test": 6}
+TRAIN = {"steps": 3, "batch_size": 4, "warmup_steps": 1, "log_every": 1, "save_every": 10, "share_every": 0}
+TEACHER = {
+    "shape": {"family": "qwen2", "num_layers": 3, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16, "hidden_size": 64},
+    "tokenizer": {"kind": "char", "vocab_size": None},
+    "train": TRAIN,
+    "max_new_tokens": 8,
+}
+STUDENT = {
+    "shape": {"family": "llama", "num_layers": 2, "num_heads": 4, "num_kv_heads": 1, "head_dim": 8, "hidden_size": 32},
+    "tokenizer": {"kind": "bpe", "vocab_size": 300},
+    "train": TRAIN,
+    "max_new_tokens": 8,
+}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    splits = prepare_data(SIZES, seed=0, max_operand=9, out_dir=root / "data")
+    teacher = train_teacher(TEACHER, root / "data", root / "teacher", progress=False)
+    store = extract_teacher_kv(root / "teacher", root / "data", root / "kv", progress=False)
+    return root, splits, teacher, store
+
+
+def test_data_stage_writes_disjoint_hashed_splits(run):
+    root, splits, _, _ = run
+    loaded = load_splits(root / "data")
+    assert {name: len(ex) for name, ex in loaded.items()} == SIZES
+    assert all(splits[name]["sha256"] == split_sha256(ex) for name, ex in loaded.items())
+    questions = [e.question for ex in loaded.values() for e in ex]
+    assert len(questions) == len(set(questions))
+    assert json.loads((root / "data" / "splits.json").read_text()) == splits
+
+
+def test_teacher_stage_saves_model_tokenizer_and_test_metrics(run):
+    root, _, teacher, _ = run
+    assert {"model", "tokenizer", "metrics.json", "test_predictions.jsonl"} <= {
+        p.name for p in (root / "teacher").iterdir()
+    }
+    assert teacher["n"] == SIZES["test"] and 0.0 <= teacher["accuracy"] <= 1.0
+    assert teacher["kv_spec"] == {"num_layers": 3, "num_kv_heads": 2, "head_dim": 16}
+
+
+def test_kv_stage_stores_the_student_training_split(run):
+    root, _, _, store = run
+    assert store.ids == [e.id for e in load_jsonl(root / "data" / "student_train.jsonl")]
+    assert KVStore(root / "kv").meta["pre_rope"] is True
+
+
+@pytest.mark.parametrize("kv", [None, {"time_align": "span"}, {"time_align": "segment", "projector": "elastic"}])
+def test_student_stage_trains_and_evaluates(run, tmp_path, kv):
+    root = run[0]
+    store = None if kv is None else root / "kv"
+    metrics = train_student(STUDENT, root / "data", tmp_path, seed=1, kv=kv, store_dir=store, progress=False)
+    assert metrics["n"] == SIZES["test"] and metrics["seed"] == 1
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert ("kv" in rows[-1]) == (kv is not None)
+
+
+def test_student_stage_needs_kv_settings_and_store_together(run, tmp_path):
+    with pytest.raises(ValueError, match="give both kv settings and a store_dir"):
+        train_student(STUDENT, run[0] / "data", tmp_path, seed=0, kv={})
+
+
+def test_student_stage_rejects_a_store_with_other_keys(run, tmp_path):
+    with pytest.raises(ValueError, match="kv.pre_rope=False but the store .* holds pre-RoPE keys"):
+        train_student(STUDENT, run[0] / "data", tmp_path, 0, kv={"pre_rope": False}, store_dir=run[0] / "kv")
+
+
+def test_data_stage_needs_every_split(tmp_path):
+    with pytest.raises(ValueError, match=r"sizes lack splits \['validation'\]"):
+        prepare_data({"teacher_train": 2, "student_train": 2, "test": 2}, 0, 9, tmp_path)
+
+
+def test_model_params_need_every_section():
+    with pytest.raises(ValueError, match="model params need a 'train' section"):
+        ModelConfig.from_params({"shape": STUDENT["shape"], "tokenizer": STUDENT["tokenizer"]})
+
+
+def test_data_stage_takes_a_gsm8k_file_as_test_split(tmp_path):
+    gsm8k = tmp_path / "gsm8k.jsonl"
+    record = {"question": "Ann has 3 pens and buys 4. How many?", "answer": "She has <<3+4=7>>7.\n#### 7"}
+    gsm8k.write_text(json.dumps(record) + "\n")
+    splits = prepare_data(SIZES | {"test": 0}, 0, 9, tmp_path / "data", gsm8k_test=str(gsm8k))
+    assert splits["test"]["n"] == 1 and splits["test"]["tasks"] == ["gsm8k"]
+    assert load_splits(tmp_path / "data")["test"][0].answer == "7"
