@@ -1,11 +1,14 @@
 """Run one pipeline stage: its notebook, executed by papermill with the stage's section of a params file.
 
     python -m kvlib.runner alignment --params params/default.yaml
+    python -m kvlib.runner train --params params/default.yaml --set group=G1 --set seed=0
 
 The notebook is ``notebooks/NN_<stage>.ipynb``; its parameters are the keys of section ``<stage>``
-of the params file. Names the notebook's ``parameters`` cell does not declare are rejected before
+of the params file, updated by ``--set name=value`` (values parsed as YAML) for the items of a
+generated stage. Names the notebook's ``parameters`` cell does not declare are rejected before
 anything runs (papermill itself only warns). The executed notebook and an HTML copy for readers
-without Jupyter are written to ``reports/notebooks/``. The kernel runs in the project root.
+without Jupyter are written to ``reports/notebooks/`` (named after the stage and the ``--set`` values).
+The kernel runs in the project root.
 """
 
 from __future__ import annotations
@@ -48,13 +51,26 @@ def check_parameters(notebook: Path, parameters: dict) -> None:
         raise ValueError(f"{notebook.name} has no parameters {unknown}; it declares {sorted(declared)}")
 
 
-def run_stage(stage: str, params_file: str | Path, executed_dir: Path = EXECUTED) -> Path:
-    """Execute the stage's notebook with its parameters; returns the executed notebook's path."""
+def parse_sets(items: list[str]) -> dict:
+    """``["seed=1", "group=G1"]`` -> ``{"seed": 1, "group": "G1"}`` (values parsed as YAML)."""
+    parsed = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--set takes name=value, got {item!r}")
+        parsed[name] = yaml.safe_load(value)
+    return parsed
+
+
+def run_stage(stage: str, params_file: str | Path, sets: dict | None = None, executed_dir: Path = EXECUTED) -> Path:
+    """Execute the stage's notebook with its parameters (updated by ``sets``); returns the executed notebook."""
     notebook = notebook_for(stage)
-    parameters = stage_parameters(params_file, stage)
+    sets = sets or {}
+    parameters = stage_parameters(params_file, stage) | sets
     check_parameters(notebook, parameters)
     executed_dir.mkdir(parents=True, exist_ok=True)
-    out = executed_dir / notebook.name
+    out = executed_dir / "-".join([notebook.stem, *(str(v) for v in sets.values())])
+    out = out.with_suffix(".ipynb")
     print(f"[kvlib] stage {stage}: {notebook.relative_to(ROOT)} with {params_file}", flush=True)
     papermill.execute_notebook(str(notebook), str(out), parameters=parameters, cwd=str(ROOT), progress_bar=True)
     html, _ = nbconvert.HTMLExporter().from_filename(str(out))
@@ -66,8 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stage")
     parser.add_argument("--params", default=str(ROOT / "params" / "default.yaml"))
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override one parameter")
     args = parser.parse_args(argv)
-    run_stage(args.stage, args.params)
+    run_stage(args.stage, args.params, parse_sets(args.set))
 
 
 if __name__ == "__main__":

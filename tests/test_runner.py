@@ -6,7 +6,7 @@ import nbformat
 import pytest
 import yaml
 
-from kvlib.runner import NOTEBOOKS, ROOT, check_parameters, notebook_for, run_stage, stage_parameters
+from kvlib.runner import NOTEBOOKS, ROOT, check_parameters, notebook_for, parse_sets, run_stage, stage_parameters
 
 PARAMS = sorted((ROOT / "params").glob("*.yaml"))
 STAGE_NOTEBOOKS = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
@@ -79,3 +79,17 @@ def test_missing_params_section_lists_the_sections(tmp_path):
 def test_unknown_parameter_is_rejected_before_running():
     with pytest.raises(ValueError, match=r"has no parameters \['sede'\]; it declares \[.*'seed'"):
         check_parameters(notebook_for("alignment"), {"sede": 1})
+
+
+def test_sets_are_parsed_as_yaml():
+    assert parse_sets(["seed=1", "group=G1", "w=[0.5, 0.5]", "path="]) == {
+        "seed": 1,
+        "group": "G1",
+        "w": [0.5, 0.5],
+        "path": None,
+    }
+
+
+def test_sets_need_a_name_and_an_equals_sign():
+    with pytest.raises(ValueError, match="--set takes name=value, got 'seed'"):
+        parse_sets(["seed"])

@@ -1,0 +1,292 @@
+"""The statistics of the study: does each experiment group differ from the control?
+
+Every student is evaluated on the same test split, one 0/1 ``correct`` per (group, seed, example).
+Comparisons are **paired by test example** (Dror et al. 2018, https://aclanthology.org/P18-1128/):
+a group's seeds are first averaged within each example (``per_example_accuracy``, (S, N) -> (N,)),
+then the per-example differences ``d = a - b`` to the control are resampled or sign-flipped. Seeds
+are therefore held fixed inside the paired CI and test; their spread is reported separately by
+``seed_summary`` (t-interval over per-seed accuracies).
+
+- ``paired_bootstrap_ci``: CI of ``mean(d)`` by resampling examples, BCa by default (Efron 1987,
+  https://doi.org/10.1080/01621459.1987.10478410) through ``scipy.stats.bootstrap``. Resampling the
+  pairs ``(a_i, b_i)`` is the same as resampling ``d_i``, so the one-sample bootstrap of ``d`` is used.
+- ``paired_permutation_test``: two-sided sign-flip test of ``mean(d) = 0``, Monte Carlo with
+  ``p = (k + 1) / (n + 1)``, ``k`` the flips with ``|mean| >= |observed|``; never 0 (Phipson & Smyth
+  2010, https://arxiv.org/abs/1603.05766).
+- ``mcnemar_test``: exact McNemar test of two single runs (binomial test on the discordant pairs).
+- ``holm``: Holm-Bonferroni step-down adjusted p-values (Holm 1979), across the compared groups.
+- Effect sizes: Cohen's h for two proportions, and the paired ``d_z = mean(d) / std(d, ddof=1)`` with
+  a bootstrap CI (Lakens 2013, https://doi.org/10.3389/fpsyg.2013.00863).
+
+Notable choices:
+
+- Differences that are all equal (up to ``_TOL``, e.g. a group identical to the control) give a
+  degenerate CI ``low == high == diff`` with ``method == "degenerate"`` instead of a resampling error.
+- ``d_z`` is defined as 0 when ``std(d) <= _TOL`` (no spread, no standardised effect), both for the
+  point estimate and inside every bootstrap resample, so the CI never holds NaN or inf.
+- Everything is deterministic given ``seed``; ``compare_to_control`` uses the same seed for every
+  group, so a group's numbers do not depend on which other groups are compared.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.stats
+
+METHODS = ("BCa", "percentile", "basic")
+_TOL = 1e-12  # differences of seed-averaged 0/1 scores closer than this are equal (float noise)
+_BATCH = 1000  # resamples drawn per chunk: bounds memory to about _BATCH x N floats
+
+
+def _as_scores(x, name: str) -> np.ndarray:
+    """x as a non-empty, finite (N,) float64 array."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 1 or x.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-d array of per-example scores (N,), got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} holds non-finite values {np.unique(x[~np.isfinite(x)]).tolist()}")
+    return x
+
+
+def _differences(a, b) -> np.ndarray:
+    """Paired differences (N,) of a (N,) and b (N,)."""
+    a, b = _as_scores(a, "a"), _as_scores(b, "b")
+    if a.shape != b.shape:
+        raise ValueError(f"a has {a.size} examples but b has {b.size}; pass scores on the same examples, in order")
+    return a - b
+
+
+def _check_binary(x: np.ndarray, name: str) -> None:
+    bad = ~np.isin(x, (0, 1))
+    if bad.any():
+        raise ValueError(f"{name} must hold 0/1 correctness, got values {np.unique(x[bad]).tolist()[:5]}")
+
+
+def _as_correct(correct, name: str) -> np.ndarray:
+    """correct as a (S, N) float64 array of 0/1 with S, N >= 1."""
+    correct = np.asarray(correct, dtype=np.float64)
+    if correct.ndim != 2 or correct.size == 0:
+        raise ValueError(f"{name} must be (S seeds, N examples) with S, N >= 1, got shape {correct.shape}")
+    _check_binary(correct, name)
+    return correct
+
+
+def _check_resampling(n_resamples: int, confidence: float, method: str) -> None:
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}; e.g. 0.95 for a 95% interval")
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def _bootstrap(d: np.ndarray, statistic, n_resamples: int, confidence: float, seed: int, method: str):
+    """(low, high) of ``statistic(d, axis)`` by resampling the paired differences d (N,), N >= 2."""
+    res = scipy.stats.bootstrap(
+        (d,),
+        statistic,
+        n_resamples=n_resamples,
+        confidence_level=confidence,
+        method=method,
+        vectorized=True,
+        batch=_BATCH,
+        rng=np.random.default_rng(seed),
+    )
+    low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    if not (np.isfinite(low) and np.isfinite(high)):
+        raise ValueError(
+            f"the {method} interval is undefined for these {d.size} paired differences (e.g. BCa's jackknife "
+            "is constant); use more examples or method='percentile'"
+        )
+    return low, high
+
+
+def _mean(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.mean(x, axis=axis)
+
+
+def _dz(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Standardised mean ``mean / std(ddof=1)`` along axis; 0 where the std is <= _TOL."""
+    m = np.mean(x, axis=axis, keepdims=True)
+    n = x.shape[axis]
+    s = np.sqrt(np.sum((x - m) ** 2, axis=axis) / max(n - 1, 1))  # ddof=1; 0 for one value (jackknife at N = 2)
+    m = np.squeeze(m, axis=axis)
+    return np.where(s > _TOL, m / np.where(s > _TOL, s, 1.0), 0.0)
+
+
+def per_example_accuracy(correct) -> np.ndarray:
+    """correct (S, N) 0/1 for S seeds x N test examples of one group -> (N,) mean over seeds.
+
+    The paired unit is the test example; seeds are averaged within an example.
+    """
+    return _as_correct(correct, "correct").mean(axis=0)
+
+
+def paired_bootstrap_ci(
+    a, b, n_resamples: int = 10000, confidence: float = 0.95, seed: int = 0, method: str = "BCa"
+) -> dict:
+    """CI of ``mean(a - b)`` by resampling examples; a, b (N,) per-example scores on the same examples.
+
+    Returns ``{"diff", "low", "high", "method"}``. When all differences are equal the interval is
+    ``low == high == diff`` and ``method`` is ``"degenerate"``.
+    """
+    _check_resampling(n_resamples, confidence, method)
+    d = _differences(a, b)
+    diff = float(d.mean())
+    if np.ptp(d) <= _TOL:
+        return {"diff": diff, "low": diff, "high": diff, "method": "degenerate"}
+    low, high = _bootstrap(d, _mean, n_resamples, confidence, seed, method)
+    return {"diff": diff, "low": low, "high": high, "method": method}
+
+
+def paired_permutation_test(a, b, n_resamples: int = 10000, seed: int = 0) -> float:
+    """Two-sided p-value of ``mean(a - b) == 0`` by random sign flips of the paired differences.
+
+    a, b: (N,) per-example scores on the same examples. ``p = (k + 1) / (n_resamples + 1)`` where k
+    counts the flips whose ``|mean|`` reaches the observed one (relative tolerance 1e-9 for ties).
+    """
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    d = _differences(a, b)
+    observed = abs(d.mean())
+    rng = np.random.default_rng(seed)
+    k = 0
+    for start in range(0, n_resamples, _BATCH):
+        signs = 1.0 - 2.0 * rng.integers(0, 2, size=(min(_BATCH, n_resamples - start), d.size))  # (R, N)
+        k += int(np.count_nonzero(np.abs(signs @ d) / d.size >= observed * (1 - 1e-9)))
+    return (k + 1) / (n_resamples + 1)
+
+
+def mcnemar_test(a, b) -> dict:
+    """Exact two-sided McNemar test of two single runs; a, b (N,) 0/1 correctness on the same examples.
+
+    Returns ``{"b01", "b10", "p"}``: b01 counts examples a got wrong and b right, b10 the reverse; p is
+    the two-sided binomial test of b01 successes in b01 + b10 trials at 0.5, and 1 with no discordant pair.
+    """
+    d = _differences(a, b)
+    _check_binary(np.asarray(a, dtype=np.float64), "a")
+    _check_binary(np.asarray(b, dtype=np.float64), "b")
+    b01, b10 = int(np.count_nonzero(d < 0)), int(np.count_nonzero(d > 0))
+    p = 1.0 if b01 + b10 == 0 else float(scipy.stats.binomtest(b01, b01 + b10, 0.5).pvalue)
+    return {"b01": b01, "b10": b10, "p": p}
+
+
+def holm(pvalues: dict[str, float], alpha: float = 0.05) -> dict[str, dict]:
+    """Holm-Bonferroni step-down over m named p-values.
+
+    Sorted ascending, the j-th smallest (j = 1..m) is adjusted to ``max_{i <= j} (m - i + 1) p_(i)``,
+    capped at 1; a hypothesis is rejected when its adjusted p is ``<= alpha``. Returns
+    ``{name: {"p", "p_adjusted", "reject"}}`` in the input order.
+    """
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if not pvalues:
+        raise ValueError("holm needs at least one p-value, got an empty dict")
+    names = list(pvalues)
+    p = np.array([pvalues[n] for n in names], dtype=np.float64)  # (m,)
+    if not ((p >= 0) & (p <= 1)).all():
+        raise ValueError(f"p-values must be in [0, 1], got {dict(zip(names, p.tolist()))}")
+    m = p.size
+    order = np.argsort(p, kind="stable")
+    adjusted = np.empty(m)
+    adjusted[order] = np.minimum(np.maximum.accumulate((m - np.arange(m)) * p[order]), 1.0)
+    return {
+        n: {"p": float(p[i]), "p_adjusted": float(adjusted[i]), "reject": bool(adjusted[i] <= alpha)}
+        for i, n in enumerate(names)
+    }
+
+
+def seed_summary(accuracies, confidence: float = 0.95) -> dict:
+    """Spread over seeds of accuracies (S,), one per seed, each in [0, 1].
+
+    Returns ``{"mean", "std", "min", "max", "n_seeds", "ci_low", "ci_high"}``: std with ddof=1 (0 for
+    one seed) and a Student-t interval ``mean +- t_{S-1} std / sqrt(S)`` (equal to the mean when S == 1).
+    """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}; e.g. 0.95 for a 95% interval")
+    acc = _as_scores(accuracies, "accuracies")
+    if ((acc < 0) | (acc > 1)).any():
+        raise ValueError(f"accuracies must be fractions in [0, 1] (not percentages), got {acc.tolist()}")
+    S, mean = acc.size, float(acc.mean())
+    std = float(acc.std(ddof=1)) if S > 1 else 0.0
+    half = float(scipy.stats.t.ppf((1 + confidence) / 2, S - 1) * std / np.sqrt(S)) if S > 1 else 0.0
+    summary = {"mean": mean, "std": std, "min": float(acc.min()), "max": float(acc.max()), "n_seeds": S}
+    return summary | {"ci_low": mean - half, "ci_high": mean + half}
+
+
+def cohens_h(p1: float, p2: float) -> float:
+    """Cohen's h effect size of two proportions: ``2 asin(sqrt(p1)) - 2 asin(sqrt(p2))``."""
+    if not (0 <= p1 <= 1 and 0 <= p2 <= 1):
+        raise ValueError(f"cohens_h needs proportions in [0, 1], got p1={p1}, p2={p2}")
+    return float(2 * np.arcsin(np.sqrt(p1)) - 2 * np.arcsin(np.sqrt(p2)))
+
+
+def paired_effect(a, b, n_resamples: int = 10000, confidence: float = 0.95, seed: int = 0, method: str = "BCa") -> dict:
+    """Standardised paired effect ``d_z = mean(a - b) / std(a - b, ddof=1)`` with a bootstrap CI.
+
+    a, b: (N,) per-example scores on the same examples, N >= 2. Returns ``{"dz", "low", "high",
+    "method"}``; when the differences have no spread, d_z is 0 with the degenerate CI [0, 0].
+    """
+    _check_resampling(n_resamples, confidence, method)
+    d = _differences(a, b)
+    if d.size < 2:
+        raise ValueError(f"d_z needs at least 2 examples for a standard deviation, got {d.size}")
+    dz = float(_dz(d))
+    if np.ptp(d) <= _TOL:
+        return {"dz": dz, "low": dz, "high": dz, "method": "degenerate"}
+    low, high = _bootstrap(d, _dz, n_resamples, confidence, seed, method)
+    return {"dz": dz, "low": low, "high": high, "method": method}
+
+
+def compare_to_control(
+    groups: dict[str, np.ndarray], control: str, n_resamples: int = 10000, seed: int = 0, alpha: float = 0.05
+) -> dict[str, dict]:
+    """Every group against the control, paired by test example, with Holm correction across groups.
+
+    groups: name -> (S, N) 0/1 correctness, the same N examples in the same order everywhere (S may
+    differ by group). For each group but the control, in input order::
+
+        accuracy, control_accuracy  mean over seeds and examples
+        n_examples                  N
+        seeds                       seed_summary of the per-seed accuracies
+        diff, ci_low, ci_high, ci_method   paired_bootstrap_ci of per-example accuracies (95%, BCa)
+        p, p_adjusted, reject       paired_permutation_test p, Holm-adjusted across the compared groups
+        cohens_h                    of accuracy vs control_accuracy
+        dz, dz_low, dz_high         paired_effect (95%, BCa)
+    """
+    if control not in groups:
+        raise ValueError(f"control {control!r} is not among the groups {list(groups)}; name one of them")
+    if len(groups) < 2:
+        raise ValueError(f"compare_to_control needs a group besides the control {control!r}, got only {list(groups)}")
+    correct = {name: _as_correct(c, f"groups[{name!r}]") for name, c in groups.items()}
+    sizes = {name: c.shape[1] for name, c in correct.items()}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"groups were evaluated on different numbers of examples {sizes}; use the same test split")
+    b = correct[control].mean(axis=0)  # (N,)
+    control_accuracy = float(b.mean())
+    out = {}
+    for name, c in correct.items():
+        if name == control:
+            continue
+        a = c.mean(axis=0)  # (N,)
+        ci = paired_bootstrap_ci(a, b, n_resamples=n_resamples, seed=seed)
+        effect = paired_effect(a, b, n_resamples=n_resamples, seed=seed)
+        out[name] = {
+            "accuracy": float(a.mean()),
+            "control_accuracy": control_accuracy,
+            "n_examples": a.size,
+            "seeds": seed_summary(c.mean(axis=1)),
+            "diff": ci["diff"],
+            "ci_low": ci["low"],
+            "ci_high": ci["high"],
+            "ci_method": ci["method"],
+            "p": paired_permutation_test(a, b, n_resamples=n_resamples, seed=seed),
+            "cohens_h": cohens_h(float(a.mean()), control_accuracy),
+            "dz": effect["dz"],
+            "dz_low": effect["low"],
+            "dz_high": effect["high"],
+        }
+    adjusted = holm({name: r["p"] for name, r in out.items()}, alpha=alpha)
+    for name, r in out.items():
+        r["p_adjusted"], r["reject"] = adjusted[name]["p_adjusted"], adjusted[name]["reject"]
+    return out
