@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from kvlib.fusion import KINDS as FUSIONS
 from kvlib.layers import KINDS as LAYER_MAPS
 from kvlib.losses import KINDS as KV_LOSSES
 from kvlib.models import FAMILIES, build_model, model_config
@@ -99,6 +100,7 @@ class KVConfig:
     projector: str = "linear"
     relation_weight: float = 0.0  # weight of the MiniLMv2 relation loss (0 = off)
     relation_heads: int = 1
+    shuffle_time: bool = False  # negative control: teacher KV shuffled in time within each example
 
     def __post_init__(self):
         _choice("loss", self.loss, KV_LOSSES)
@@ -140,4 +142,44 @@ class ModelConfig:
             if key not in values:
                 raise ValueError(f"model params need a {key!r} section; got keys {sorted(values)}")
             values[key] = from_dict(sub, values[key])
+        return from_dict(cls, values)
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """How several teachers' aligned KV are combined per layer (see ``kvlib.fusion``)."""
+
+    kind: str = "fixed"
+    weights: list[float] | None = None  # fixed weights, one per teacher (default uniform)
+    temperature: float = 1.0
+    entropy_weight: float = 0.0  # router only: > 0 pushes toward specialised, < 0 toward diverse
+
+    def __post_init__(self):
+        _choice("fusion kind", self.kind, FUSIONS)
+        _positive(self, "temperature")
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    """One experiment group: which teachers (none = CE only), how their KV is used, how they are fused."""
+
+    teachers: list[str]
+    kv: KVConfig | None = None
+    fusion: FusionConfig | None = None
+
+    def __post_init__(self):
+        if bool(self.teachers) != (self.kv is not None):
+            raise ValueError(f"a group with teachers {self.teachers} needs kv settings, and a group without none")
+        if len(self.teachers) > 1 and self.fusion is None:
+            raise ValueError(f"a group with teachers {self.teachers} needs fusion settings")
+        if len(set(self.teachers)) != len(self.teachers):
+            raise ValueError(f"teachers {self.teachers} are listed twice")
+
+    @classmethod
+    def from_params(cls, params: dict) -> GroupConfig:
+        values = dict(params)
+        if values.get("kv") is not None:
+            values["kv"] = from_dict(KVConfig, values["kv"])
+        if values.get("fusion") is not None:
+            values["fusion"] = from_dict(FusionConfig, values["fusion"])
         return from_dict(cls, values)

@@ -15,6 +15,7 @@ Pinned to transformers 5.24, whose outputs carry the cache as ``.cache`` with pe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from torch import Tensor
 
@@ -49,10 +50,21 @@ def kv_spec(config) -> KVSpec:
     return KVSpec(config.num_hidden_layers, num_kv_heads, head_dim)
 
 
+class ForwardKV(NamedTuple):
+    """What one forward pass gives the distiller: logits (B, T, V), the cache (L pairs of (B, H, T, D)),
+    and on request the hidden states entering each layer (L of (B, T, hidden)) and the pre-RoPE
+    queries averaged over each KV head's query group (L of (B, H, T, D))."""
+
+    logits: Tensor
+    kv: list[tuple[Tensor, Tensor]]
+    hidden: list[Tensor] | None = None
+    queries: list[Tensor] | None = None
+
+
 def forward_with_kv(
-    model, input_ids: Tensor, attention_mask: Tensor | None = None
-) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-    """Run ``model`` on ``input_ids`` (B, T): its logits (B, T, V) and its cache as L pairs of (B, H, T, D).
+    model, input_ids: Tensor, attention_mask: Tensor | None = None, hidden: bool = False, queries: bool = False
+) -> ForwardKV:
+    """Run ``model`` on ``input_ids`` (B, T) once: logits, cache, and optionally hidden states and queries.
 
     Keys are post-RoPE, as stored by the model. Positions past the attention mask hold whatever the
     model computed there: mask them downstream. Gradients flow when the model is trainable.
@@ -65,21 +77,39 @@ def forward_with_kv(
             f"{tuple(input_ids.shape)}; pass the mask returned by the tokenizer with these ids"
         )
     spec = kv_spec(model.config)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True)
+    caught, handles = [], []
+    if queries:
+        q_projs = [m for name, m in model.named_modules() if name.endswith("self_attn.q_proj")]
+        if len(q_projs) != spec.num_layers:
+            raise ValueError(
+                f"found {len(q_projs)} self_attn.q_proj modules for {spec.num_layers} layers; queries need a model "
+                "with separate query projections (Llama, Qwen2, Mistral, Gemma families)"
+            )
+        handles = [q.register_forward_hook(lambda mod, inp, out: caught.append(out)) for q in q_projs]
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, output_hidden_states=hidden)
+    finally:
+        for h in handles:
+            h.remove()
     kv = [(layer.keys, layer.values) for layer in out.cache.layers]
-    expected = (input_ids.shape[0], spec.num_kv_heads, input_ids.shape[1], spec.head_dim)
+    B, T = input_ids.shape
+    expected = (B, spec.num_kv_heads, T, spec.head_dim)
     for i, (k, v) in enumerate(kv):
         if tuple(k.shape) != expected or tuple(v.shape) != expected:
             raise ValueError(
                 f"layer {i}: cache holds K {tuple(k.shape)} / V {tuple(v.shape)}, expected {expected}; "
                 "sliding-window or compressed caches are not supported by extract_kv"
             )
-    return out.logits, kv
+    grouped = None
+    if queries:
+        H, D = spec.num_kv_heads, spec.head_dim
+        grouped = [q.view(B, T, H, -1, D).mean(3).transpose(1, 2) for q in caught]  # (B, H, T, D)
+    return ForwardKV(out.logits, kv, list(out.hidden_states[:-1]) if hidden else None, grouped)
 
 
 def extract_kv(model, input_ids: Tensor, attention_mask: Tensor | None = None) -> list[tuple[Tensor, Tensor]]:
     """The cache of ``model`` over ``input_ids`` (B, T): L pairs of (B, H, T, D); see ``forward_with_kv``."""
-    return forward_with_kv(model, input_ids, attention_mask)[1]
+    return forward_with_kv(model, input_ids, attention_mask).kv
 
 
 def extract_kv_and_attention(

@@ -9,8 +9,8 @@ its own folder, so each can run alone, in a notebook, under DVC or under ``accel
   trained with CE on prompt + reasoning + answer, saved (``model/``, ``tokenizer/`` apart, see the
   tokenizer trap in REFERENCE.md) and evaluated on the test split;
 - ``extract_teacher_kv``: the teacher's KV over the student-training split, as a KV store;
-- ``train_student``: one student (one group, one seed) trained with CE and, when the group names a
-  teacher, the KV loss against that teacher's store; evaluated on the test split.
+- ``train_student``: one student (one group, one seed) trained with CE and, when the group names
+  teachers, the KV loss against their stores (fused when several); evaluated on the test split.
 """
 
 from __future__ import annotations
@@ -20,10 +20,13 @@ import os
 import time
 from pathlib import Path
 
-from kvlib.config import KVConfig, ModelConfig, from_dict
-from kvlib.data import load_gsm8k, load_jsonl, make_splits, save_jsonl, split_sha256
+import torch
+
+from kvlib.config import GroupConfig, ModelConfig, from_dict
+from kvlib.data import TASKS, load_gsm8k, load_jsonl, make_splits, save_jsonl, split_sha256
 from kvlib.distill import Distiller, TeacherAligner, collate_fn
 from kvlib.evaluate import evaluate
+from kvlib.fusion import make_fusion
 from kvlib.hf import kv_spec
 from kvlib.kvstore import KVStore
 from kvlib.layers import layer_map
@@ -100,16 +103,21 @@ def extract_teacher_kv(
 
 def train_student(
     params: dict,
+    group: dict,
+    seed: int,
     data_dir: str | Path,
     out_dir: str | Path,
-    seed: int,
-    kv: dict | None = None,
-    store_dir: str | Path | None = None,
+    kv_root: str | Path | None = None,
+    alignment_dir: str | Path | None = None,
     progress: bool = True,
 ) -> dict:
-    """Train one student on the student-training split: CE only, or CE + KV loss against a teacher's store."""
-    if (kv is None) != (store_dir is None):
-        raise ValueError("give both kv settings and a store_dir for KV distillation, or neither for CE only")
+    """Train one student (one group, one seed) on the student-training split and evaluate it on test.
+
+    ``group``: ``teachers`` (names of stores under ``kv_root``; none = CE only), ``kv`` (KVConfig) and,
+    for several teachers, ``fusion`` (FusionConfig). A ``cka`` layer map reads the teacher x student CKA
+    matrices the alignment stage wrote to ``alignment_dir/cka_<teacher>.json``.
+    """
+    g = GroupConfig.from_params(group)
     base = ModelConfig.from_params(params)
     cfg = ModelConfig(base.shape, base.tokenizer, from_dict(type(base.train), {**vars(base.train), "seed": seed}))
     splits, out = load_splits(data_dir), Path(out_dir)
@@ -117,25 +125,40 @@ def train_student(
     tokenizer = train_tokenizer(cfg.tokenizer.kind, [e.text for e in examples], cfg.tokenizer.vocab_size)
     save_tokenizer(tokenizer, out / "tokenizer")
     model = cfg.shape.build(len(tokenizer), seed)
-    store = None
-    if kv is None:
-        distiller = Distiller(model)
-    else:
-        kv_cfg = from_dict(KVConfig, kv)
-        store = KVStore(store_dir)
-        if kv_cfg.pre_rope != store.meta["pre_rope"]:
+    spec_s = kv_spec(model.config)
+    stores = [KVStore(Path(kv_root) / name) for name in g.teachers]
+    aligners = []
+    for name, store in zip(g.teachers, stores):
+        if g.kv.pre_rope != store.meta["pre_rope"]:
             raise ValueError(
-                f"kv.pre_rope={kv_cfg.pre_rope} but the store at {store_dir} holds "
-                f"{'pre' if store.meta['pre_rope'] else 'post'}-RoPE keys; extract it with pre_rope={kv_cfg.pre_rope}"
+                f"kv.pre_rope={g.kv.pre_rope} but the store of teacher {name} holds "
+                f"{'pre' if store.meta['pre_rope'] else 'post'}-RoPE keys; extract it with pre_rope={g.kv.pre_rope}"
             )
-        spec_s = kv_spec(model.config)
-        lmap = layer_map(store.spec.num_layers, spec_s.num_layers, kv_cfg.layer_map)
-        aligner = TeacherAligner(store.spec, spec_s, lmap, kv_cfg.projector, kv_cfg.time_align)
-        distiller = Distiller(model, aligner, kv_cfg)
+        cka = None
+        if g.kv.layer_map == "cka":
+            if alignment_dir is None:
+                raise ValueError("layer_map 'cka' needs the alignment stage's CKA matrices: pass alignment_dir")
+            matrices = json.loads((Path(alignment_dir) / f"cka_{name}.json").read_text())
+            cka = torch.tensor(matrices["keys"]) + torch.tensor(matrices["values"])
+        lmap = layer_map(store.spec.num_layers, spec_s.num_layers, g.kv.layer_map, cka=cka)
+        aligners.append(TeacherAligner(store.spec, spec_s, lmap, g.kv.projector, g.kv.time_align, g.kv.shuffle_time))
+    fusion = None
+    if g.fusion is not None:
+        fusion = make_fusion(
+            g.fusion.kind,
+            len(stores),
+            spec_s.num_layers,
+            model.config.hidden_size,
+            len(TASKS),
+            g.fusion.weights,
+            g.fusion.temperature,
+            g.fusion.entropy_weight,
+        )
+    distiller = Distiller(model, aligners, g.kv, fusion)
     start = time.perf_counter()
-    train(distiller, collate_fn(tokenizer, examples, store), len(examples), cfg.train, out, progress=progress)
+    train(distiller, collate_fn(tokenizer, examples, stores), len(examples), cfg.train, out, progress=progress)
     seconds = time.perf_counter() - start
     metrics = evaluate(model, tokenizer, splits["test"], out / "test_predictions.jsonl", cfg.max_new_tokens)
-    metrics |= {"train_seconds": round(seconds, 1), "seed": seed}
+    metrics |= {"train_seconds": round(seconds, 1), "seed": seed, "teachers": g.teachers}
     write_json(out / "metrics.json", metrics)
     return metrics

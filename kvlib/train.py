@@ -12,7 +12,8 @@ trainable computation sits in one ``Distiller.forward``. Notable choices:
   A run started in a folder with a checkpoint resumes from it and ends with the same parameters as an
   uninterrupted run; ``stop_at`` ends a call early after checkpointing (time-sliced cluster jobs);
 - **metrics** go to ``metrics.jsonl``, one line per ``log_every`` steps (losses, learning rate,
-  tokens seen, and every ``share_every`` steps each loss term's share of the gradient on the student).
+  tokens seen, with a fusion the teachers' mean weights per task and student layer, and every
+  ``share_every`` steps each loss term's share of the gradient on the student).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from kvlib.config import TrainConfig
+from kvlib.data import TASKS
 from kvlib.distill import Distiller
 from kvlib.losses import gradient_shares
 
@@ -125,6 +127,7 @@ def train(
     epoch, skip = divmod(consumed, per_epoch)
     bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and accelerator.is_main_process), desc="train")
     sums, count, shares, t0 = {}, 0, None, time.perf_counter()
+    routed, routed_n = {}, {}  # per task: summed fusion weights (Ls, N) and example counts
     model.train()
     while step < cfg.steps and (stop_at is None or step < stop_at):
         dl = loader(epoch)
@@ -133,6 +136,7 @@ def train(
         for batch in dl:
             with accelerator.accumulate(model):
                 terms = model(batch)
+                fusion_weights = terms.pop("fusion_weights", None)  # (Ls, B, N)
                 if cfg.share_every and (step + 1) % cfg.share_every == 0 and count == 0:
                     shares = gradient_shares(
                         {n: weights[n] * terms[n] for n in weights if n in terms and weights[n] > 0}, student_params
@@ -146,6 +150,11 @@ def train(
                 sums[name] = sums.get(name, 0.0) + float(value.detach())
             count += 1
             tokens += int(batch["attention_mask"].sum())
+            if fusion_weights is not None:
+                for k, task in enumerate(TASKS):
+                    sel = batch["task_ids"] == k
+                    routed[task] = routed.get(task, 0) + fusion_weights[:, sel].sum(1).cpu()
+                    routed_n[task] = routed_n.get(task, 0) + int(sel.sum())
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
@@ -156,6 +165,9 @@ def train(
                 row |= {name: total / count for name, total in sums.items()}
                 if shares is not None:
                     row["grad_share"] = shares
+                if routed:
+                    row["fusion_weights"] = {t: (w / max(routed_n[t], 1)).tolist() for t, w in routed.items()}
+                routed, routed_n = {}, {}
                 row["seconds"] = round(time.perf_counter() - t0, 3)
                 bar.set_postfix({k: f"{row[k]:.3f}" for k in ("loss", "ce", "kv") if k in row})
                 if accelerator.is_main_process:

@@ -3,7 +3,7 @@ import torch
 from tiny import FAMILY_SHAPES, tiny
 from transformers import LlamaConfig, Qwen2Config
 
-from kvlib.hf import KVSpec, extract_kv, kv_spec
+from kvlib.hf import KVSpec, extract_kv, forward_with_kv, kv_spec
 from kvlib.models import build_model, model_config
 
 
@@ -82,3 +82,29 @@ def test_kv_spec_rejects_uneven_query_groups():
 def test_kv_spec_rejects_indivisible_width_without_head_dim():
     with pytest.raises(ValueError, match="hidden_size=30 not divisible by num_attention_heads=4"):
         kv_spec(Qwen2Config(hidden_size=30, num_attention_heads=4, num_key_value_heads=2))
+
+
+def test_forward_with_kv_returns_hidden_states_entering_each_layer():
+    model = tiny("llama-gqa", num_layers=3).eval()
+    ids = torch.randint(0, 61, (2, 5))
+    out = forward_with_kv(model, ids, hidden=True)
+    assert len(out.hidden) == 3 and out.hidden[0].shape == (2, 5, 32)
+    torch.testing.assert_close(out.hidden[0], model.model.embed_tokens(ids))
+    assert out.queries is None
+
+
+def test_forward_with_kv_returns_queries_grouped_onto_kv_heads():
+    model = tiny("qwen2").eval()  # 6 query heads over 2 KV heads
+    ids = torch.randint(0, 61, (2, 5))
+    out = forward_with_kv(model, ids, queries=True)
+    raw = []
+    handle = model.model.layers[1].self_attn.q_proj.register_forward_hook(lambda m, i, o: raw.append(o))
+    model(ids)
+    handle.remove()
+    expected = raw[0].view(2, 5, 6, 8).transpose(1, 2).view(2, 2, 3, 5, 8).mean(2)  # (B, H, T, D)
+    torch.testing.assert_close(out.queries[1], expected)
+
+
+def test_queries_need_separate_query_projections():
+    with pytest.raises(ValueError, match="found 0 self_attn.q_proj modules for 2 layers"):
+        forward_with_kv(tiny("gpt2"), torch.zeros(1, 3, dtype=torch.long), queries=True)

@@ -59,24 +59,47 @@ def test_kv_stage_stores_the_student_training_split(run):
     assert KVStore(root / "kv").meta["pre_rope"] is True
 
 
-@pytest.mark.parametrize("kv", [None, {"time_align": "span"}, {"time_align": "segment", "projector": "elastic"}])
-def test_student_stage_trains_and_evaluates(run, tmp_path, kv):
+GROUPS = {
+    "control": {"teachers": []},
+    "span": {"teachers": ["A"], "kv": {"time_align": "span"}},
+    "segment-elastic": {"teachers": ["A"], "kv": {"time_align": "segment", "projector": "elastic"}},
+    "two-routed": {"teachers": ["A", "A2"], "kv": {}, "fusion": {"kind": "router"}},
+    "cka-shuffled": {"teachers": ["A"], "kv": {"layer_map": "cka", "shuffle_time": True}},
+}
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_student_stage_trains_and_evaluates(run, tmp_path, group):
     root = run[0]
-    store = None if kv is None else root / "kv"
-    metrics = train_student(STUDENT, root / "data", tmp_path, seed=1, kv=kv, store_dir=store, progress=False)
+    kv_root = tmp_path / "kv"
+    kv_root.mkdir()
+    for name in ("A", "A2"):
+        (kv_root / name).symlink_to(root / "kv")
+    (tmp_path / "alignment").mkdir()
+    (tmp_path / "alignment" / "cka_A.json").write_text(
+        json.dumps({"keys": [[0.9, 0.1], [0.2, 0.3], [0.1, 0.8]], "values": [[0.0] * 2] * 3})
+    )
+    out = tmp_path / "student"
+    metrics = train_student(
+        STUDENT, GROUPS[group], 1, root / "data", out, kv_root, tmp_path / "alignment", progress=False
+    )
     assert metrics["n"] == SIZES["test"] and metrics["seed"] == 1
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert ("kv" in rows[-1]) == (kv is not None)
-
-
-def test_student_stage_needs_kv_settings_and_store_together(run, tmp_path):
-    with pytest.raises(ValueError, match="give both kv settings and a store_dir"):
-        train_student(STUDENT, run[0] / "data", tmp_path, seed=0, kv={})
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert ("kv" in rows[-1]) == (group != "control")
+    assert ("fusion_weights" in rows[-1]) == (group == "two-routed")
 
 
 def test_student_stage_rejects_a_store_with_other_keys(run, tmp_path):
-    with pytest.raises(ValueError, match="kv.pre_rope=False but the store .* holds pre-RoPE keys"):
-        train_student(STUDENT, run[0] / "data", tmp_path, 0, kv={"pre_rope": False}, store_dir=run[0] / "kv")
+    root = run[0]
+    group = {"teachers": ["kv"], "kv": {"pre_rope": False}}
+    with pytest.raises(ValueError, match="kv.pre_rope=False but the store of teacher kv holds pre-RoPE keys"):
+        train_student(STUDENT, group, 0, root / "data", tmp_path, kv_root=root)
+
+
+def test_cka_layer_map_needs_the_alignment_stage(run, tmp_path):
+    root = run[0]
+    with pytest.raises(ValueError, match="layer_map 'cka' needs the alignment stage's CKA matrices"):
+        train_student(STUDENT, {"teachers": ["kv"], "kv": {"layer_map": "cka"}}, 0, root / "data", tmp_path, root)
 
 
 def test_data_stage_needs_every_split(tmp_path):

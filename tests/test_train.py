@@ -7,9 +7,10 @@ import torch
 
 from kvlib.config import KVConfig, ModelShape, TrainConfig
 from kvlib.data import generate
-from kvlib.distill import Distiller, TeacherAligner, collate_fn
+from kvlib.distill import Distiller, TeacherAligner, collate_fn, shuffle_time
 from kvlib.evaluate import evaluate
 from kvlib.evaluate import generate as greedy
+from kvlib.fusion import make_fusion
 from kvlib.hf import extract_kv, kv_spec
 from kvlib.layers import layer_map
 from kvlib.rope import unrotate_keys
@@ -40,7 +41,7 @@ def distiller(setup, seed=0, **kv):
     cfg = KVConfig(**kv)
     spec_t, spec_s = store.spec, kv_spec(s.config)
     aligner = TeacherAligner(spec_t, spec_s, layer_map(3, 2, cfg.layer_map), cfg.projector, cfg.time_align)
-    return Distiller(s, aligner, cfg), collate_fn(tok_s, examples, store)
+    return Distiller(s, [aligner], cfg), collate_fn(tok_s, examples, [store])
 
 
 def test_store_holds_the_teachers_pre_rope_kv(setup):
@@ -84,7 +85,7 @@ def test_ce_only_distiller_matches_the_models_own_loss(setup):
 def test_aligned_targets_have_the_students_shape_and_cover_its_tokens(setup, time_align):
     d, collate = distiller(setup, time_align=time_align)
     batch = collate(range(4))
-    targets, unprojected, covered = d.aligner(batch["teacher"], batch)
+    targets, unprojected, covered = d.aligners[0](batch["teachers"][0], batch)
     B, Ts = batch["input_ids"].shape
     assert [tuple(k.shape) for k, _ in targets] == [(B, 1, Ts, 8)] * 2
     assert [tuple(v.shape) for _, v in unprojected] == [(B, 2, Ts, 16)] * 2
@@ -98,7 +99,7 @@ def test_kv_terms_reach_the_student_and_the_projectors(setup):
     torch.testing.assert_close(terms["loss"], terms["ce"] + terms["kv"] + 0.5 * terms["relation"])
     terms["loss"].backward()
     assert d.student.model.layers[0].self_attn.k_proj.weight.grad.abs().sum() > 0
-    assert d.aligner.projectors[1].mix_v.grad.abs().sum() > 0
+    assert d.aligners[0].projectors[1].mix_v.grad.abs().sum() > 0
 
 
 def run(setup, out, kv=True, **overrides):
@@ -159,20 +160,20 @@ def test_evaluate_writes_one_record_per_example(setup, tmp_path):
 
 def test_collate_rejects_a_store_of_other_examples(setup):
     examples, _, tok_s, _, store = setup
-    with pytest.raises(ValueError, match="the KV store holds 16 examples that are not these 15"):
-        collate_fn(tok_s, examples[1:], store)
+    with pytest.raises(ValueError, match="KV store 0 holds 16 examples that are not these 15"):
+        collate_fn(tok_s, examples[1:], [store])
 
 
 def test_distiller_needs_aligner_and_kv_config_together(setup):
-    with pytest.raises(ValueError, match="pass both a teacher aligner and a KVConfig"):
+    with pytest.raises(ValueError, match="pass teacher aligners and a KVConfig"):
         Distiller(student(setup[2]), kv=KVConfig())
 
 
 def test_distiller_rejects_an_aligner_for_another_student(setup):
     d, _ = distiller(setup)
     other = ModelShape("llama", 2, 4, 2, 8, 32).build(len(setup[2]), seed=0)
-    with pytest.raises(ValueError, match="aligner targets KVSpec"):
-        Distiller(other, d.aligner, KVConfig())
+    with pytest.raises(ValueError, match="aligner 0 targets KVSpec"):
+        Distiller(other, list(d.aligners), KVConfig())
 
 
 def test_aligner_rejects_a_layer_map_of_other_depths(setup):
@@ -184,7 +185,7 @@ def test_aligner_rejects_a_layer_map_of_other_depths(setup):
 def test_aligner_rejects_a_teacher_batch_of_other_depth(setup):
     d, collate = distiller(setup)
     batch = collate(range(4))
-    batch["teacher"]["kv"] = batch["teacher"]["kv"][:2]
+    batch["teachers"][0]["kv"] = batch["teachers"][0]["kv"][:2]
     with pytest.raises(ValueError, match="teacher batch has 2 layers but the aligner was built for 3"):
         d(batch)
 
@@ -205,3 +206,83 @@ def test_extract_store_rejects_empty_budget(setup, tmp_path):
     examples, tok_t, _, teacher, _ = setup
     with pytest.raises(ValueError, match="budget must be >= 1 slot per head"):
         extract_store(teacher, tok_t, examples, tmp_path, budget=0)
+
+
+def two_teacher_distiller(setup, kind, **fusion_kwargs):
+    examples, _, tok_s, _, store = setup
+    s = student(tok_s)
+    spec_s = kv_spec(s.config)
+    aligners = [TeacherAligner(store.spec, spec_s, layer_map(3, 2), "linear", "span") for _ in range(2)]
+    fusion = make_fusion(kind, 2, spec_s.num_layers, s.config.hidden_size, 2, **fusion_kwargs)
+    return Distiller(s, aligners, KVConfig(), fusion), collate_fn(tok_s, examples, [store, store])
+
+
+@pytest.mark.parametrize("kind", ["fixed", "similarity", "attention", "task", "router"])
+def test_every_fusion_kind_trains_from_two_teachers(setup, kind):
+    d, collate = two_teacher_distiller(setup, kind)
+    terms = d(collate(range(4)))
+    w = terms["fusion_weights"]
+    assert w.shape == (2, 4, 2) and (w >= 0).all()
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 4))
+    terms["loss"].backward()
+    assert d.student.model.layers[1].self_attn.v_proj.weight.grad.abs().sum() > 0
+
+
+def test_fusing_a_teacher_with_itself_gives_the_single_teacher_loss(setup):
+    single, collate1 = distiller(setup)
+    double, collate2 = two_teacher_distiller(setup, "fixed")
+    double.aligners[1].load_state_dict(double.aligners[0].state_dict())
+    single.aligners[0].load_state_dict(double.aligners[0].state_dict())
+    torch.testing.assert_close(double(collate2(range(4)))["kv"], single(collate1(range(4)))["kv"])
+
+
+def test_router_entropy_term_enters_the_loss(setup):
+    d, collate = two_teacher_distiller(setup, "router", entropy_weight=0.5)
+    terms = d(collate(range(4)))
+    assert terms["entropy"].item() == pytest.approx(0.5 * torch.log(torch.tensor(2.0)).item(), rel=1e-4)
+    torch.testing.assert_close(terms["loss"], terms["ce"] + terms["kv"] + terms["entropy"])
+
+
+def test_training_logs_fusion_weights_per_task_and_layer(setup, tmp_path):
+    d, collate = two_teacher_distiller(setup, "task")
+    train(d, collate, len(setup[0]), TrainConfig(**{**FAST, "steps": 2}), tmp_path, progress=False)
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert set(row["fusion_weights"]) == {"chain", "compare"}
+    assert torch.tensor(row["fusion_weights"]["chain"]).shape == (2, 2)
+
+
+def test_shuffle_permutes_real_steps_of_each_example_and_keeps_padding():
+    real = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]]).bool()
+    k = torch.arange(5.0).expand(2, 3, 5)[..., None].expand(2, 3, 5, 2).contiguous()  # value = time index
+    ((ks, vs),) = shuffle_time([(k, k + 10)], real[:, None].expand(2, 3, 5), real)[0]
+    assert torch.equal(ks[..., 0].sort(-1).values[0, :, :4], k[0, :, :4, 0]) and (ks[0, :, 4] == 4).all()
+    assert torch.equal(vs - 10, ks)  # keys and values move together
+    assert (ks[:, 0] == ks[:, 1]).all()  # one order for all heads
+    torch.manual_seed(1)
+    orders = {
+        tuple(shuffle_time([(k, k)], real[:, None].expand(2, 3, 5), real)[0][0][0][0, 0, :4, 0].tolist())
+        for _ in range(5)
+    }
+    assert len(orders) > 1
+
+
+def test_shuffled_control_changes_the_targets(setup):
+    d, collate = distiller(setup, time_align="global")
+    shuffled = TeacherAligner(d.aligners[0].spec_t, d.aligners[0].spec_s, layer_map(3, 2), "linear", "global", True)
+    shuffled.load_state_dict(d.aligners[0].state_dict())
+    batch = collate(range(4))
+    targets, _, _ = shuffled(batch["teachers"][0], batch)
+    reference, _, _ = d.aligners[0](batch["teachers"][0], batch)
+    assert not torch.allclose(targets[0][0], reference[0][0])
+
+
+def test_several_teachers_need_a_fusion(setup):
+    d, _ = distiller(setup)
+    with pytest.raises(ValueError, match="2 teachers need a fusion"):
+        Distiller(d.student, [d.aligners[0], d.aligners[0]], KVConfig())
+
+
+def test_fusion_must_match_the_teacher_count(setup):
+    d, _ = distiller(setup)
+    with pytest.raises(ValueError, match="the fusion was built for 3 teachers but 1 are given"):
+        Distiller(d.student, list(d.aligners), KVConfig(), make_fusion("fixed", 3, 2, 32, 2))
