@@ -128,20 +128,33 @@ class TokenizerConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A model to train: its shape (built from config), tokenizer, optimisation and decoding budget."""
+    """A model: built from ``shape`` with a tokenizer trained as ``tokenizer`` says, or loaded with its own
+    tokenizer from a local checkpoint directory ``path``; trained as ``train`` says (``None``: a checkpoint
+    used as it is, e.g. a pretrained teacher), decoded greedily for at most ``max_new_tokens``."""
 
-    shape: ModelShape
-    tokenizer: TokenizerConfig
-    train: TrainConfig
-    max_new_tokens: int = 96  # greedy decoding budget at evaluation
+    train: TrainConfig | None = None
+    shape: ModelShape | None = None
+    tokenizer: TokenizerConfig | None = None
+    path: str = ""
+    max_new_tokens: int = 96
+
+    def __post_init__(self):
+        built = self.shape is not None and self.tokenizer is not None
+        if built == bool(self.path) or (self.path and (self.shape or self.tokenizer)):
+            raise ValueError(
+                "give a model either a shape and a tokenizer (built from config) or a checkpoint path, not both; "
+                f"got shape={self.shape}, tokenizer={self.tokenizer}, path={self.path!r}"
+            )
+        if built and self.train is None:
+            raise ValueError("a model built from a shape needs a train section")
+        _positive(self, "max_new_tokens")
 
     @classmethod
     def from_params(cls, params: dict) -> ModelConfig:
         values = dict(params)
         for key, sub in (("shape", ModelShape), ("tokenizer", TokenizerConfig), ("train", TrainConfig)):
-            if key not in values:
-                raise ValueError(f"model params need a {key!r} section; got keys {sorted(values)}")
-            values[key] = from_dict(sub, values[key])
+            if values.get(key) is not None:
+                values[key] = from_dict(sub, values[key])
         return from_dict(cls, values)
 
 

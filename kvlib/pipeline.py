@@ -10,7 +10,11 @@ its own folder, so each can run alone, in a notebook, under DVC or under ``accel
   tokenizer trap in REFERENCE.md) and evaluated on the test split;
 - ``extract_teacher_kv``: the teacher's KV over the student-training split, as a KV store;
 - ``train_student``: one student (one group, one seed) trained with CE and, when the group names
-  teachers, the KV loss against their stores (fused when several); evaluated on the test split.
+  teachers, the KV loss against their stores (fused when several);
+- ``evaluate_student``: greedy decoding of a trained student on the test split.
+
+Models are built from a shape (tiny models of real families, trained here) or loaded from a local
+checkpoint directory (``path``: real models; a teacher without a ``train`` section is used as it is).
 """
 
 from __future__ import annotations
@@ -70,22 +74,45 @@ def load_splits(data_dir: str | Path) -> dict:
     return {name: load_jsonl(Path(data_dir) / f"{name}.jsonl") for name in SPLITS}
 
 
+def _build(cfg: ModelConfig, texts: list[str], seed: int):
+    """A model and its tokenizer: from the checkpoint ``cfg.path``, or built from ``cfg.shape`` with a
+    tokenizer trained on ``texts``."""
+    if cfg.path:
+        return load_model(cfg.path), load_tokenizer(cfg.path)
+    tokenizer = train_tokenizer(cfg.tokenizer.kind, texts, cfg.tokenizer.vocab_size)
+    return cfg.shape.build(len(tokenizer), seed), tokenizer
+
+
+def load_trained(model_dir: str | Path):
+    """The model and tokenizer a teacher or student stage left in ``model_dir``: ``model/`` and ``tokenizer/``,
+    or, for a checkpoint used as it is, the directory named in ``checkpoint.json``."""
+    model_dir = Path(model_dir)
+    pointer = model_dir / "checkpoint.json"
+    if pointer.exists():
+        path = json.loads(pointer.read_text())["path"]
+        return load_model(path), load_tokenizer(path)
+    return load_model(model_dir / "model"), load_tokenizer(model_dir / "tokenizer")
+
+
 def train_teacher(params: dict, data_dir: str | Path, out_dir: str | Path, progress: bool = True) -> dict:
-    """Train one teacher (tokenizer, model, CE training) on the teacher-training split; evaluate it on test."""
+    """Train one teacher on the teacher-training split (or take a checkpoint as it is); evaluate it on test."""
     cfg = ModelConfig.from_params(params)
     splits, out = load_splits(data_dir), Path(out_dir)
-    texts = [e.text for e in splits["teacher_train"]]
-    tokenizer = train_tokenizer(cfg.tokenizer.kind, texts, cfg.tokenizer.vocab_size)
-    save_tokenizer(tokenizer, out / "tokenizer")
-    model = cfg.shape.build(len(tokenizer), cfg.train.seed)
-    start = time.perf_counter()
-    train(
-        Distiller(model), collate_fn(tokenizer, splits["teacher_train"]), len(texts), cfg.train, out, progress=progress
-    )
-    seconds = time.perf_counter() - start
+    examples = splits["teacher_train"]
+    seed = cfg.train.seed if cfg.train else 0
+    model, tokenizer = _build(cfg, [e.text for e in examples], seed)
+    seconds = 0.0
+    if cfg.train is None:
+        write_json(out / "checkpoint.json", {"path": str(Path(cfg.path).resolve())})
+    else:
+        save_tokenizer(tokenizer, out / "tokenizer")
+        start = time.perf_counter()
+        train(Distiller(model), collate_fn(tokenizer, examples), len(examples), cfg.train, out, progress=progress)
+        seconds = time.perf_counter() - start
     metrics = evaluate(model, tokenizer, splits["test"], out / "test_predictions.jsonl", cfg.max_new_tokens)
     metrics |= {"train_seconds": round(seconds, 1), "parameters": sum(p.numel() for p in model.parameters())}
-    metrics |= {"kv_spec": vars(kv_spec(model.config)), "family": cfg.shape.family, "tokens": len(tokenizer)}
+    metrics |= {"kv_spec": vars(kv_spec(model.config)), "model_type": model.config.model_type}
+    metrics |= {"vocab_size": len(tokenizer)}
     write_json(out / "metrics.json", metrics)
     return metrics
 
@@ -94,11 +121,16 @@ def extract_teacher_kv(
     teacher_dir: str | Path, data_dir: str | Path, out_dir: str | Path, budget: int | None = None, **options
 ) -> KVStore:
     """The teacher's KV over the student-training split (pre-RoPE keys, fp16), optionally compressed."""
-    teacher_dir = Path(teacher_dir)
-    model, tokenizer = load_model(teacher_dir / "model"), load_tokenizer(teacher_dir / "tokenizer")
+    model, tokenizer = load_trained(teacher_dir)
     examples = load_splits(data_dir)["student_train"]
     meta = {"teacher": str(teacher_dir), "model_type": model.config.model_type}
     return extract_store(model, tokenizer, examples, out_dir, budget=budget, meta=meta, **options)
+
+
+def evaluate_student(student_dir: str | Path, data_dir: str | Path, max_new_tokens: int, out_path) -> dict:
+    """Greedy decoding of a trained student on the test split; one record per example written to ``out_path``."""
+    model, tokenizer = load_trained(student_dir)
+    return evaluate(model, tokenizer, load_splits(data_dir)["test"], out_path, max_new_tokens)
 
 
 def train_student(
@@ -111,20 +143,21 @@ def train_student(
     alignment_dir: str | Path | None = None,
     progress: bool = True,
 ) -> dict:
-    """Train one student (one group, one seed) on the student-training split and evaluate it on test.
+    """Train one student (one group, one seed) on the student-training split; returns the training summary.
 
     ``group``: ``teachers`` (names of stores under ``kv_root``; none = CE only), ``kv`` (KVConfig) and,
     for several teachers, ``fusion`` (FusionConfig). A ``cka`` layer map reads the teacher x student CKA
     matrices the alignment stage wrote to ``alignment_dir/cka_<teacher>.json``.
     """
     g = GroupConfig.from_params(group)
-    base = ModelConfig.from_params(params)
-    cfg = ModelConfig(base.shape, base.tokenizer, from_dict(type(base.train), {**vars(base.train), "seed": seed}))
-    splits, out = load_splits(data_dir), Path(out_dir)
-    examples = splits["student_train"]
-    tokenizer = train_tokenizer(cfg.tokenizer.kind, [e.text for e in examples], cfg.tokenizer.vocab_size)
+    cfg = ModelConfig.from_params(params)
+    if cfg.train is None:
+        raise ValueError("a student needs a train section")
+    train_cfg = from_dict(type(cfg.train), {**vars(cfg.train), "seed": seed})
+    out = Path(out_dir)
+    examples = load_splits(data_dir)["student_train"]
+    model, tokenizer = _build(cfg, [e.text for e in examples], seed)
     save_tokenizer(tokenizer, out / "tokenizer")
-    model = cfg.shape.build(len(tokenizer), seed)
     spec_s = kv_spec(model.config)
     stores = [KVStore(Path(kv_root) / name) for name in g.teachers]
     aligners = []
@@ -156,9 +189,9 @@ def train_student(
         )
     distiller = Distiller(model, aligners, g.kv, fusion)
     start = time.perf_counter()
-    train(distiller, collate_fn(tokenizer, examples, stores), len(examples), cfg.train, out, progress=progress)
-    seconds = time.perf_counter() - start
-    metrics = evaluate(model, tokenizer, splits["test"], out / "test_predictions.jsonl", cfg.max_new_tokens)
-    metrics |= {"train_seconds": round(seconds, 1), "seed": seed, "teachers": g.teachers}
-    write_json(out / "metrics.json", metrics)
-    return metrics
+    summary = train(
+        distiller, collate_fn(tokenizer, examples, stores), len(examples), train_cfg, out, progress=progress
+    )
+    summary |= {"train_seconds": round(time.perf_counter() - start, 1), "seed": seed, "teachers": g.teachers}
+    write_json(out / "summary.json", summary)
+    return summary

@@ -120,11 +120,20 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: str | Path) ->
 
 
 def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
-    """The tokenizer saved in ``directory``, also when a model's ``config.json`` sits beside it."""
+    """The tokenizer saved in ``directory``, also when a model's ``config.json`` sits beside it.
+
+    Also reads the fast tokenizer of a real local checkpoint (Qwen2, TinyLlama, ...); one without a
+    ``bos`` or ``pad`` token (Qwen2 has neither) gets its ``eos`` token in that role, since
+    ``encode_batch`` starts every text with ``bos`` and pads with ``pad``.
+    """
     directory = Path(directory)
     if not (directory / "tokenizer.json").is_file():
         raise ValueError(f"{directory} holds no tokenizer (no tokenizer.json); save one there with save_tokenizer")
-    return PreTrainedTokenizerFast.from_pretrained(directory)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
+    if tokenizer.eos_token is not None:
+        tokenizer.bos_token = tokenizer.bos_token or tokenizer.eos_token
+        tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    return tokenizer
 
 
 def _special_ids(tokenizer, add_eos: bool) -> tuple[int, int, int]:

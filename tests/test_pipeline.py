@@ -7,7 +7,15 @@ import pytest
 from kvlib.config import ModelConfig
 from kvlib.data import load_jsonl, split_sha256
 from kvlib.kvstore import KVStore
-from kvlib.pipeline import extract_teacher_kv, load_splits, prepare_data, train_student, train_teacher
+from kvlib.pipeline import (
+    evaluate_student,
+    extract_teacher_kv,
+    load_splits,
+    load_trained,
+    prepare_data,
+    train_student,
+    train_teacher,
+)
 
 SIZES = {"teacher_train": 24, "student_train": 12, "validation": 4, "test": 6}
 TRAIN = {"steps": 3, "batch_size": 4, "warmup_steps": 1, "log_every": 1, "save_every": 10, "share_every": 0}
@@ -80,10 +88,12 @@ def test_student_stage_trains_and_evaluates(run, tmp_path, group):
         json.dumps({"keys": [[0.9, 0.1], [0.2, 0.3], [0.1, 0.8]], "values": [[0.0] * 2] * 3})
     )
     out = tmp_path / "student"
-    metrics = train_student(
+    summary = train_student(
         STUDENT, GROUPS[group], 1, root / "data", out, kv_root, tmp_path / "alignment", progress=False
     )
-    assert metrics["n"] == SIZES["test"] and metrics["seed"] == 1
+    assert summary["finished"] and summary["seed"] == 1
+    metrics = evaluate_student(out, root / "data", 8, out / "test_predictions.jsonl")
+    assert metrics["n"] == SIZES["test"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert ("kv" in rows[-1]) == (group != "control")
     assert ("fusion_weights" in rows[-1]) == (group == "two-routed")
@@ -107,9 +117,29 @@ def test_data_stage_needs_every_split(tmp_path):
         prepare_data({"teacher_train": 2, "student_train": 2, "test": 2}, 0, 9, tmp_path)
 
 
-def test_model_params_need_every_section():
-    with pytest.raises(ValueError, match="model params need a 'train' section"):
+def test_a_checkpoint_teacher_is_used_as_it_is(run, tmp_path):
+    root = run[0]
+    model, tokenizer = load_trained(root / "teacher")
+    model.save_pretrained(tmp_path / "ckpt")
+    tokenizer.save_pretrained(tmp_path / "ckpt")  # a real checkpoint keeps its tokenizer beside the weights
+    metrics = train_teacher({"path": str(tmp_path / "ckpt"), "max_new_tokens": 8}, root / "data", tmp_path / "t")
+    assert metrics == {**run[2], "train_seconds": 0.0}
+    assert json.loads((tmp_path / "t" / "checkpoint.json").read_text())["path"] == str(tmp_path / "ckpt")
+
+
+def test_model_params_need_a_shape_or_a_path():
+    with pytest.raises(ValueError, match="give a model either a shape and a tokenizer .* or a checkpoint path"):
+        ModelConfig.from_params({"shape": STUDENT["shape"], "train": TRAIN})
+
+
+def test_a_built_model_needs_training():
+    with pytest.raises(ValueError, match="a model built from a shape needs a train section"):
         ModelConfig.from_params({"shape": STUDENT["shape"], "tokenizer": STUDENT["tokenizer"]})
+
+
+def test_a_student_needs_training(run, tmp_path):
+    with pytest.raises(ValueError, match="a student needs a train section"):
+        train_student({"path": str(tmp_path)}, {"teachers": []}, 0, run[0] / "data", tmp_path)
 
 
 def test_data_stage_takes_a_gsm8k_file_as_test_split(tmp_path):
