@@ -134,6 +134,6 @@ def gradient_shares(losses: dict[str, Tensor], params: list[Tensor]) -> dict[str
     norms = {}
     for name, loss in losses.items():
         grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        norms[name] = torch.sqrt(sum(g.float().square().sum() for g in grads if g is not None) + 0.0)
+        norms[name] = torch.sqrt(sum((g.float().square().sum() for g in grads if g is not None), torch.zeros(())))
     total = float(sum(norms.values()))
     return {name: (float(n) / total if total > 0 else 0.0) for name, n in norms.items()}

@@ -104,6 +104,12 @@ def test_gradient_shares_sum_to_one_and_follow_the_weights():
     assert w.grad is not None
 
 
+def test_gradient_shares_count_a_term_that_does_not_reach_the_params_as_zero():
+    w, other = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
+    shares = gradient_shares({"a": w.sum(), "elsewhere": other.sum()}, [w])
+    assert shares == {"a": 1.0, "elsewhere": 0.0}
+
+
 def test_kv_distance_rejects_unknown_kind():
     with pytest.raises(ValueError, match="kind must be one of"):
         kv_distance(kv(), kv(), torch.ones(2, 5), "huber")

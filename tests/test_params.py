@@ -1,0 +1,45 @@
+"""The params files: every section validated by the configs it feeds, and the study consistent across stages."""
+
+import pytest
+import yaml
+
+from kvlib import project_root
+from kvlib.config import GroupConfig, ModelConfig
+
+PARAMS = sorted((project_root() / "params").glob("*.yaml"))
+
+
+@pytest.fixture(params=PARAMS, ids=lambda p: p.name)
+def params(request):
+    return yaml.safe_load(request.param.read_text())
+
+
+def test_models_and_groups_are_valid_configs(params):
+    for teacher in params["teacher"]["teachers"].values():
+        ModelConfig.from_params(teacher)
+    student = ModelConfig.from_params(params["train"]["student"])
+    assert student.train is not None
+    groups = {name: GroupConfig.from_params(g) for name, g in params["train"]["groups"].items()}
+    teachers = set(params["teacher"]["teachers"])
+    assert all(set(g.teachers) <= teachers for g in groups.values())
+
+
+def test_the_study_agrees_with_every_stage(params):
+    study = params["study"]
+    every = [study["control"], *study["groups"]]
+    assert sorted(params["train"]["groups"]) == sorted(every)
+    assert params["evaluate"]["groups"] == every and params["statistics"]["groups"] == every
+    assert params["evaluate"]["seeds"] == study["seeds"] and 0 in study["seeds"]
+    assert params["statistics"]["control"] == params["report"]["plan"]["control"] == study["control"] == "G0"
+    assert list(params["report"]["plan"]["groups"]) == every
+    assert params["report"]["plan"]["seeds"] == len(study["seeds"])
+    assert params["alignment"]["teachers"] == study["teachers"] == list(params["teacher"]["teachers"])
+    assert params["train"]["groups"][study["control"]]["teachers"] == []
+
+
+def test_the_negative_control_shuffles_the_single_teacher_group(params):
+    nc = params["report"]["plan"]["negative_control"]
+    groups = params["train"]["groups"]
+    assert groups[nc]["kv"]["shuffle_time"] is True
+    assert {k: v for k, v in groups[nc]["kv"].items() if k != "shuffle_time"} == groups["G1"]["kv"]
+    assert groups[nc]["teachers"] == groups["G1"]["teachers"]

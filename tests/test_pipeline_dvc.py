@@ -1,0 +1,69 @@
+"""The whole DVC pipeline on the smoke params, in build/smoke (a git-ignored working copy).
+
+The notebooks' smoke defaults read and write the same folder, so nbval (which runs after tests/)
+executes every notebook against this run's outputs.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from kvlib import project_root
+from kvlib.runner import run_pipeline
+
+ROOT = project_root()
+WORKDIR = ROOT / "build" / "smoke"
+
+
+@pytest.fixture(scope="module")
+def smoke():
+    shutil.rmtree(WORKDIR, ignore_errors=True)
+    run_pipeline(ROOT / "params" / "smoke.yaml", WORKDIR)
+    return yaml.safe_load((ROOT / "params" / "smoke.yaml").read_text())
+
+
+def test_every_stage_ran_and_left_its_executed_notebook(smoke):
+    study = smoke["study"]
+    runs = [f"{g}-{s}" for g in [study["control"], *study["groups"]] for s in study["seeds"]]
+    expected = ["01_data", "04_alignment", "06_evaluate", "07_statistics", "08_report"]
+    expected += [f"02_teacher-{t}" for t in study["teachers"]] + [f"03_teacher_kv-{t}" for t in study["teachers"]]
+    expected += [f"05_train-{r}" for r in runs]
+    executed = {p.stem for p in (WORKDIR / "reports" / "notebooks").glob("*.ipynb")}
+    assert executed == set(expected)
+    assert all((WORKDIR / "reports" / "notebooks" / f"{name}.html").exists() for name in expected)
+
+
+def test_metrics_cover_every_group_and_seed(smoke):
+    study = smoke["study"]
+    accuracy = json.loads((WORKDIR / "reports" / "evaluation" / "accuracy.json").read_text())
+    assert {g: sorted(a) for g, a in accuracy.items()} == {
+        g: sorted(str(s) for s in study["seeds"]) for g in [study["control"], *study["groups"]]
+    }
+    stats = json.loads((WORKDIR / "reports" / "statistics" / "statistics.json").read_text())
+    assert list(stats["groups"]) == study["groups"]
+    assert stats["n_examples"] == smoke["data"]["sizes"]["test"]
+    predictions = (WORKDIR / "reports" / "evaluation" / "predictions.jsonl").read_text().splitlines()
+    assert len(predictions) == len(accuracy) * len(study["seeds"]) * stats["n_examples"]
+
+
+def test_report_states_the_plan_and_shows_the_figures(smoke):
+    report = (WORKDIR / "reports" / "REPORT.md").read_text()
+    assert report.index("Analysis plan") < report.index("## 3. Results")
+    for figure in ("figures/forest.png", "figures/learning_curves.png", "figures/routing.png", "alignment/cka.png"):
+        assert f"]({figure})" in report and (WORKDIR / "reports" / figure).exists()
+
+
+def test_a_second_run_has_nothing_to_do(smoke):
+    status = subprocess.run(
+        [sys.executable, "-m", "dvc", "status"], cwd=WORKDIR, capture_output=True, text=True, check=True
+    )
+    assert "Data and pipelines are up to date." in status.stdout
+
+
+def test_run_pipeline_refuses_the_project_itself():
+    with pytest.raises(ValueError, match="is the project itself"):
+        run_pipeline(ROOT / "params" / "smoke.yaml", ROOT)
