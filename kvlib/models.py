@@ -76,9 +76,9 @@ def build_model(config, seed: int):
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
 
 
-def load_model(path: str | Path):
-    """A causal LM from a local checkpoint directory (never the network)."""
+def load_model(path: str | Path, dtype: torch.dtype | None = None):
+    """A causal LM from a local checkpoint directory (never the network), in ``dtype`` (default: float32)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ValueError(f"{path} is not a local Hugging Face checkpoint (no config.json there)")
-    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype or torch.float32)

@@ -78,20 +78,22 @@ def _build(cfg: ModelConfig, texts: list[str], seed: int):
     """A model and its tokenizer: from the checkpoint ``cfg.path``, or built from ``cfg.shape`` with a
     tokenizer trained on ``texts``."""
     if cfg.path:
-        return load_model(cfg.path), load_tokenizer(cfg.path)
+        return load_model(cfg.path), load_tokenizer(cfg.path)  # trained by accelerate, which places it
     tokenizer = train_tokenizer(cfg.tokenizer.kind, texts, cfg.tokenizer.vocab_size)
     return cfg.shape.build(len(tokenizer), seed), tokenizer
 
 
-def load_trained(model_dir: str | Path):
+def load_trained(model_dir: str | Path, inference: bool = False):
     """The model and tokenizer a teacher or student stage left in ``model_dir``: ``model/`` and ``tokenizer/``,
-    or, for a checkpoint used as it is, the directory named in ``checkpoint.json``."""
+    or, for a checkpoint used as it is, the directory named in ``checkpoint.json``. For ``inference`` on a
+    machine with a GPU the model is put there in bfloat16 (real checkpoints); on a CPU it stays float32."""
     model_dir = Path(model_dir)
     pointer = model_dir / "checkpoint.json"
-    if pointer.exists():
-        path = json.loads(pointer.read_text())["path"]
-        return load_model(path), load_tokenizer(path)
-    return load_model(model_dir / "model"), load_tokenizer(model_dir / "tokenizer")
+    path = json.loads(pointer.read_text())["path"] if pointer.exists() else model_dir / "model"
+    tokenizer = load_tokenizer(path if pointer.exists() else model_dir / "tokenizer")
+    gpu = inference and torch.cuda.is_available()
+    model = load_model(path, torch.bfloat16 if gpu else None)
+    return (model.to("cuda") if gpu else model), tokenizer
 
 
 def train_teacher(params: dict, data_dir: str | Path, out_dir: str | Path, progress: bool = True) -> dict:
@@ -99,12 +101,12 @@ def train_teacher(params: dict, data_dir: str | Path, out_dir: str | Path, progr
     cfg = ModelConfig.from_params(params)
     splits, out = load_splits(data_dir), Path(out_dir)
     examples = splits["teacher_train"]
-    seed = cfg.train.seed if cfg.train else 0
-    model, tokenizer = _build(cfg, [e.text for e in examples], seed)
     seconds = 0.0
     if cfg.train is None:
         write_json(out / "checkpoint.json", {"path": str(Path(cfg.path).resolve())})
+        model, tokenizer = load_trained(out, inference=True)
     else:
+        model, tokenizer = _build(cfg, [e.text for e in examples], cfg.train.seed)
         save_tokenizer(tokenizer, out / "tokenizer")
         start = time.perf_counter()
         train(Distiller(model), collate_fn(tokenizer, examples), len(examples), cfg.train, out, progress=progress)
@@ -121,7 +123,7 @@ def extract_teacher_kv(
     teacher_dir: str | Path, data_dir: str | Path, out_dir: str | Path, budget: int | None = None, **options
 ) -> KVStore:
     """The teacher's KV over the student-training split (pre-RoPE keys, fp16), optionally compressed."""
-    model, tokenizer = load_trained(teacher_dir)
+    model, tokenizer = load_trained(teacher_dir, inference=True)
     examples = load_splits(data_dir)["student_train"]
     meta = {"teacher": str(teacher_dir), "model_type": model.config.model_type}
     return extract_store(model, tokenizer, examples, out_dir, budget=budget, meta=meta, **options)
@@ -129,7 +131,7 @@ def extract_teacher_kv(
 
 def evaluate_student(student_dir: str | Path, data_dir: str | Path, max_new_tokens: int, out_path) -> dict:
     """Greedy decoding of a trained student on the test split; one record per example written to ``out_path``."""
-    model, tokenizer = load_trained(student_dir)
+    model, tokenizer = load_trained(student_dir, inference=True)
     return evaluate(model, tokenizer, load_splits(data_dir)["test"], out_path, max_new_tokens)
 
 

@@ -21,6 +21,7 @@ the copied ``kvlib`` (the kernel runs in the folder), the code its ``dvc.lock`` 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import subprocess
@@ -82,7 +83,9 @@ def run_stage(stage: str, params_file: str | Path, sets: dict | None = None, exe
     executed_dir.mkdir(parents=True, exist_ok=True)
     out = (executed_dir / "-".join([notebook.stem, *(str(v) for v in sets.values())])).with_suffix(".ipynb")
     print(f"[kvlib] stage {stage} {sets or ''}: {notebook.name} with {params_file}", flush=True)
-    papermill.execute_notebook(str(notebook), str(out), parameters=parameters, cwd=str(root), progress_bar=True)
+    papermill.execute_notebook(
+        str(notebook), str(out), parameters=parameters, cwd=str(root), log_output=True, progress_bar=False
+    )
     body, _ = nbconvert.HTMLExporter(template_name="basic").from_filename(str(out))
     head = f'<head><meta charset="utf-8"><title>{out.stem}</title></head>'
     out.with_suffix(".html").write_text(f"<!DOCTYPE html>\n<html>{head}<body>{body}</body></html>\n")
@@ -117,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override one parameter")
     parser.add_argument("--workdir", help="pipeline only: the folder to run the whole pipeline in")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # papermill streams each cell's output
     if args.stage == "pipeline":
         if not args.workdir:
             parser.error("pipeline needs --workdir")

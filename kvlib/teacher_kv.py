@@ -1,6 +1,7 @@
 """Teacher KV extraction: run a teacher once over the student's training set and write a KV store.
 
-Each example is tokenised with the *teacher's* tokenizer (its own offsets and segment bounds go into
+The teacher runs on whatever device it sits on (a GPU for real checkpoints); what is stored is moved
+to the CPU. Each example is tokenised with the *teacher's* tokenizer (its own offsets and segment bounds go into
 the store, so training can align any student to it), the teacher runs without gradients, and its
 cache is written by ``kvlib.kvstore.write_store`` in half precision. With ``pre_rope`` the keys are
 un-rotated with the teacher's own RoPE settings first (the default: keys of models with different
@@ -17,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from kvlib.compress import crop_slots, gather_slots, rkv_scores, select_slots
 from kvlib.data import SEGMENTS, Example
@@ -57,20 +58,24 @@ def extract_store(
         raise ValueError(f"budget must be >= 1 slot per head, or None for no compression; got {budget}")
     model.eval()
     spec = kv_spec(model.config)
+    device = next(model.parameters()).device
 
     def batches():
         for i in tqdm(range(0, len(examples), batch_size), disable=not progress, desc="teacher KV"):
             chunk = examples[i : i + batch_size]
             spans = [{name: e.spans[name] for name in SEGMENTS} for e in chunk]
             enc = encode_batch(tokenizer, [e.text for e in chunk], spans)
-            ids, mask = enc["input_ids"], enc["attention_mask"]
+            ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
             if budget is not None and compression == "rkv":
                 kv, attn = extract_kv_and_attention(model, ids, mask)
             else:
                 kv, attn = extract_kv(model, ids, mask), None
             if pre_rope:
-                positions = torch.arange(ids.shape[1])
+                positions = torch.arange(ids.shape[1], device=device)
                 kv = [(unrotate_keys(k, positions, model.config), v) for k, v in kv]
+            kv = [(k.float().cpu(), v.float().cpu()) for k, v in kv]  # the store converts to its dtype
+            attn = None if attn is None else [a.float().cpu() for a in attn]
+            mask = mask.cpu()
             batch = {"ids": [e.id for e in chunk], "kv": kv, "attention_mask": mask}
             batch |= {"offsets": enc["offsets"], "segment_bounds": enc["segment_bounds"]}
             if budget is not None:

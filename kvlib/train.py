@@ -30,7 +30,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from kvlib.config import TrainConfig
 from kvlib.data import TASKS
@@ -125,7 +125,13 @@ def train(
     per_epoch = len(loader(0))
     consumed = step * cfg.grad_accum
     epoch, skip = divmod(consumed, per_epoch)
-    bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and accelerator.is_main_process), desc="train")
+    bar = tqdm(
+        total=cfg.steps,
+        initial=step,
+        disable=not (progress and accelerator.is_main_process),
+        desc="train",
+        mininterval=2,
+    )
     sums, count, shares, t0 = {}, 0, None, time.perf_counter()
     routed, routed_n = {}, {}  # per task: summed fusion weights (Ls, N) and example counts
     model.train()
