@@ -286,3 +286,18 @@ def test_fusion_must_match_the_teacher_count(setup):
     d, _ = distiller(setup)
     with pytest.raises(ValueError, match="the fusion was built for 3 teachers but 1 are given"):
         Distiller(d.student, list(d.aligners), KVConfig(), make_fusion("fixed", 3, 2, 32, 2))
+
+
+def test_a_compressed_store_trains_on_the_positions_its_kept_slots_reach(setup, tmp_path):
+    examples, tok_t, tok_s, teacher, _ = setup
+    store = extract_store(teacher, tok_t, examples, tmp_path, budget=6, compression="crop", progress=False)
+    s = student(tok_s)
+    spec_s = kv_spec(s.config)
+    aligner = TeacherAligner(store.spec, spec_s, layer_map(3, 2), "linear", "span")
+    d = Distiller(s, [aligner], KVConfig())
+    batch = collate_fn(tok_s, examples, [store])(range(4))
+    targets, _, covered = aligner(batch["teachers"][0], batch)
+    assert covered.any() and (covered.sum(1) < batch["attention_mask"].sum(1)).all()
+    assert covered.sum(1).max() <= 6 * 3  # a few student tokens around each kept teacher slot
+    terms = d(batch)
+    assert torch.isfinite(terms["kv"]) and terms["kv"] > 0
