@@ -20,13 +20,16 @@ def verdict(row: dict) -> str:
     return "significantly better" if row["diff"] > 0 else "significantly worse"
 
 
-def render(plan: dict, splits: dict, teachers: dict, accuracy: dict, stats: dict, figures: dict) -> str:
+def render(
+    plan: dict, splits: dict, teachers: dict, accuracy: dict, stats: dict, figures: dict, identical: dict | None = None
+) -> str:
     """The report as Markdown.
 
     plan: ``question``, ``primary_metric``, ``control``, ``negative_control``, ``alpha``, ``correction``,
     ``seeds``, ``n_resamples`` and ``groups`` (name -> description); splits: ``splits.json``; teachers:
     name -> teacher metrics; accuracy: group -> seed -> accuracy; stats: ``compare_to_control`` output
-    (plus the control's seed summary under ``control_seeds``); figures: caption -> relative path.
+    (plus the control's seed summary under ``control_seeds``); figures: caption -> relative path;
+    identical: group -> an earlier group whose every prediction (all seeds) it repeats exactly.
     """
     control, alpha = plan["control"], plan["alpha"]
     lines = ["# KV-cache distillation study: report", ""]
@@ -74,6 +77,12 @@ def render(plan: dict, splits: dict, teachers: dict, accuracy: dict, stats: dict
     lines += ["| group | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---" * (len(seeds) + 1) + "|"]
     for g, acc in accuracy.items():
         lines += [f"| {g} | " + " | ".join(_pct(acc[s]) if s in acc else "—" for s in seeds) + " |"]
+    for g, same in (identical or {}).items():
+        lines += [
+            "",
+            f"Note: {g} made exactly the same predictions as {same} for every seed and test example: the two "
+            "groups trained identical students (e.g. a layer map that coincides with the other group's).",
+        ]
     lines += ["", "## 4. Answer", ""]
     lines += _answer(plan, stats)
     if figures:

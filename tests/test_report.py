@@ -27,7 +27,8 @@ def study(effect: float):
     splits = {"test": {"n": 400, "sha256": "ab" * 32}}
     teachers = {"A": {"model_type": "qwen2", "kv_spec": {"num_layers": 4, "num_kv_heads": 2, "head_dim": 16},
                       "parameters": 1000, "accuracy": 0.5, "train_seconds": 10.0}}  # fmt: skip
-    return render(PLAN, splits, teachers, accuracy, stats, {"Forest plot": "figures/forest.png"}), stats
+    figures = {"Forest plot": "figures/forest.png"}
+    return render(PLAN, splits, teachers, accuracy, stats, figures, identical={"NC": "G1"}), stats
 
 
 def test_report_states_the_plan_before_the_results():
@@ -48,3 +49,8 @@ def test_no_effect_is_reported_as_no_significant_difference():
     text, stats = study(0.0)
     assert verdict(stats["groups"]["G1"]) == "no significant difference"
     assert "No group is significantly better than the control" in text
+
+
+def test_identical_groups_are_pointed_out():
+    text, _ = study(0.0)
+    assert "Note: NC made exactly the same predictions as G1 for every seed and test example" in text
