@@ -73,14 +73,15 @@ class TrainConfig:
     log_every: int = 10  # progress-bar and metrics-file interval (optimizer steps)
     save_every: int = 100  # checkpoint interval (optimizer steps)
     share_every: int = 50  # gradient-share measurement interval (optimizer steps); 0 = never
+    eval_every: int = 0  # validation-accuracy interval (optimizer steps); 0 = never
     mixed_precision: str = "auto"  # "auto" = bf16 on GPU, none on CPU; or "no" / "bf16" / "fp16"
 
     def __post_init__(self):
         _positive(self, "steps", "batch_size", "grad_accum", "lr", "max_grad_norm", "log_every", "save_every")
-        if self.warmup_steps < 0 or self.share_every < 0 or self.weight_decay < 0:
+        if min(self.warmup_steps, self.share_every, self.eval_every, self.weight_decay) < 0:
             raise ValueError(
-                f"warmup_steps={self.warmup_steps}, share_every={self.share_every} and "
-                f"weight_decay={self.weight_decay} must be >= 0"
+                f"warmup_steps={self.warmup_steps}, share_every={self.share_every}, eval_every={self.eval_every} "
+                f"and weight_decay={self.weight_decay} must be >= 0"
             )
         _choice("mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
 

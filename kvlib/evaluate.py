@@ -42,6 +42,14 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     return texts
 
 
+def accuracy(model, tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int = 64) -> float:
+    """Exact-match accuracy of greedy decoding on ``examples`` (no files written)."""
+    if not examples:
+        raise ValueError("accuracy needs at least one example")
+    generated = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens, batch_size)
+    return sum(parse_answer(text) == e.answer for e, text in zip(examples, generated)) / len(examples)
+
+
 def evaluate(
     model, tokenizer, examples: list[Example], out_path: str | Path, max_new_tokens: int, batch_size: int = 64
 ) -> dict:

@@ -29,7 +29,7 @@ import torch
 from kvlib.config import GroupConfig, ModelConfig, from_dict
 from kvlib.data import TASKS, load_gsm8k, load_jsonl, make_splits, save_jsonl, split_sha256
 from kvlib.distill import Distiller, TeacherAligner, collate_fn
-from kvlib.evaluate import evaluate
+from kvlib.evaluate import accuracy, evaluate
 from kvlib.fusion import make_fusion
 from kvlib.hf import kv_spec
 from kvlib.kvstore import KVStore
@@ -83,6 +83,13 @@ def _build(cfg: ModelConfig, texts: list[str], seed: int):
     return cfg.shape.build(len(tokenizer), seed), tokenizer
 
 
+def _validation(model, tokenizer, examples: list, max_new_tokens: int):
+    """The training loop's validation callback: greedy exact-match accuracy on ``examples`` (none: no callback)."""
+    if not examples:
+        return None
+    return lambda: {"accuracy": accuracy(model, tokenizer, examples, max_new_tokens)}
+
+
 def load_trained(model_dir: str | Path, inference: bool = False):
     """The model and tokenizer a teacher or student stage left in ``model_dir``: ``model/`` and ``tokenizer/``,
     or, for a checkpoint used as it is, the directory named in ``checkpoint.json``. For ``inference`` on a
@@ -109,7 +116,9 @@ def train_teacher(params: dict, data_dir: str | Path, out_dir: str | Path, progr
         model, tokenizer = _build(cfg, [e.text for e in examples], cfg.train.seed)
         save_tokenizer(tokenizer, out / "tokenizer")
         start = time.perf_counter()
-        train(Distiller(model), collate_fn(tokenizer, examples), len(examples), cfg.train, out, progress=progress)
+        validate = _validation(model, tokenizer, splits["validation"], cfg.max_new_tokens)
+        collate = collate_fn(tokenizer, examples)
+        train(Distiller(model), collate, len(examples), cfg.train, out, progress=progress, validate=validate)
         seconds = time.perf_counter() - start
     metrics = evaluate(model, tokenizer, splits["test"], out / "test_predictions.jsonl", cfg.max_new_tokens)
     metrics |= {"train_seconds": round(seconds, 1), "parameters": sum(p.numel() for p in model.parameters())}
@@ -157,7 +166,8 @@ def train_student(
         raise ValueError("a student needs a train section")
     train_cfg = from_dict(type(cfg.train), {**vars(cfg.train), "seed": seed})
     out = Path(out_dir)
-    examples = load_splits(data_dir)["student_train"]
+    splits = load_splits(data_dir)
+    examples = splits["student_train"]
     model, tokenizer = _build(cfg, [e.text for e in examples], seed)
     save_tokenizer(tokenizer, out / "tokenizer")
     spec_s = kv_spec(model.config)
@@ -191,9 +201,9 @@ def train_student(
         )
     distiller = Distiller(model, aligners, g.kv, fusion)
     start = time.perf_counter()
-    summary = train(
-        distiller, collate_fn(tokenizer, examples, stores), len(examples), train_cfg, out, progress=progress
-    )
+    validate = _validation(model, tokenizer, splits["validation"], cfg.max_new_tokens)
+    collate = collate_fn(tokenizer, examples, stores)
+    summary = train(distiller, collate, len(examples), train_cfg, out, progress=progress, validate=validate)
     summary |= {"train_seconds": round(time.perf_counter() - start, 1), "seed": seed, "teachers": g.teachers}
     write_json(out / "summary.json", summary)
     return summary

@@ -12,6 +12,7 @@ trainable computation sits in one ``Distiller.forward``. Notable choices:
   A run started in a folder with a checkpoint resumes from it and ends with the same parameters as an
   uninterrupted run; ``stop_at`` ends a call early after checkpointing (time-sliced cluster jobs);
 - **metrics** go to ``metrics.jsonl``, one line per ``log_every`` steps (losses, learning rate,
+  validation numbers every ``eval_every`` steps when a ``validate`` callback is given,
   tokens seen, with a fusion the teachers' mean weights per task and student layer, and every
   ``share_every`` steps each loss term's share of the gradient on the student).
 """
@@ -81,8 +82,12 @@ def train(
     out_dir: str | Path,
     stop_at: int | None = None,
     progress: bool = True,
+    validate: Callable[[], dict] | None = None,
 ) -> dict:
     """Train ``distiller`` on examples ``0 .. num_examples - 1``, batched by ``collate(indices)``.
+
+    ``validate()`` (e.g. validation accuracy by greedy decoding) runs on the main process every
+    ``cfg.eval_every`` steps and at the end; its numbers are logged with a ``val_`` prefix.
 
     Writes ``metrics.jsonl``, ``checkpoint/`` and, when all ``cfg.steps`` are done, ``model/`` (the
     student, ``save_pretrained``) and ``summary.json``. Returns the summary (or the progress so far when
@@ -166,9 +171,13 @@ def train(
             scheduler.step()
             step += 1
             bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            evaluating = validate is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps)
+            if step % cfg.log_every == 0 or step == cfg.steps or evaluating:
                 row = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0], "tokens": tokens}
                 row |= {name: total / count for name, total in sums.items()}
+                if evaluating and accelerator.is_main_process:
+                    row |= {f"val_{name}": value for name, value in validate().items()}
+                    model.train()
                 if shares is not None:
                     row["grad_share"] = shares
                 if routed:

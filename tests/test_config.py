@@ -26,7 +26,7 @@ def test_model_shape_rejects_empty_sizes():
 
 
 def test_train_config_rejects_negative_warmup():
-    with pytest.raises(ValueError, match="warmup_steps=-1, share_every=0 and weight_decay=0.01 must be >= 0"):
+    with pytest.raises(ValueError, match="warmup_steps=-1, share_every=0, eval_every=0 and weight_decay=0.01 must be"):
         TrainConfig(warmup_steps=-1, share_every=0)
 
 

@@ -301,3 +301,27 @@ def test_a_compressed_store_trains_on_the_positions_its_kept_slots_reach(setup, 
     assert covered.sum(1).max() <= 6 * 3  # a few student tokens around each kept teacher slot
     terms = d(batch)
     assert torch.isfinite(terms["kv"]) and terms["kv"] > 0
+
+
+def test_validation_runs_every_eval_every_steps_and_at_the_end(setup, tmp_path):
+    d, collate = distiller(setup)
+    calls = []
+
+    def validate():
+        calls.append(d.student.training)
+        return {"accuracy": 0.25}
+
+    cfg = TrainConfig(**{**FAST, "steps": 5, "log_every": 10, "eval_every": 2})
+    train(d, collate, len(setup[0]), cfg, tmp_path, progress=False, validate=validate)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val_accuracy" in r] == [2, 4, 5] and calls == [True, True, True]
+    assert d.student.training  # back in train mode after each validation
+
+
+def test_accuracy_counts_exact_answers(setup):
+    from kvlib.evaluate import accuracy
+
+    examples, _, tok_s, _, _ = setup
+    assert accuracy(student(tok_s), tok_s, examples[:4], max_new_tokens=4) == 0.0
+    with pytest.raises(ValueError, match="accuracy needs at least one example"):
+        accuracy(student(tok_s), tok_s, [], max_new_tokens=4)
