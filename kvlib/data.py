@@ -37,11 +37,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+
+from kvlib.files import write_text
 
 SEGMENTS = ("prompt", "reasoning", "answer")
 TASKS = ("chain", "compare")
@@ -318,11 +319,7 @@ def split_sha256(examples: list[Example]) -> str:
 
 def save_jsonl(examples: list[Example], path: str | Path) -> None:
     """Write one JSON object per example and line, atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(_jsonl(examples).encode("utf-8"))
-    os.replace(tmp, path)
+    write_text(path, _jsonl(examples))
 
 
 def _read_jsonl(path: str | Path):

@@ -10,12 +10,12 @@ id, task, gold, prediction (``null`` when no answer was produced), correct, and 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from kvlib.data import Example, parse_answer
+from kvlib.files import write_text
 from kvlib.text import encode_batch
 
 
@@ -70,11 +70,7 @@ def evaluate(
                 "generated": text,
             }
         )
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, out)
+    write_text(out_path, "".join(json.dumps(r) + "\n" for r in records))
     by_task = {}
     for r in records:
         by_task.setdefault(r["task"], []).append(r["correct"])

@@ -31,10 +31,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -42,6 +40,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from kvlib.files import atomic_write
 from kvlib.hf import KVSpec
 
 FORMAT = "kvlib-kvstore/1"
@@ -50,18 +49,6 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 REQUIRED = {"ids", "kv", "attention_mask", "offsets", "segment_bounds"}
 COMPRESSION = {"positions", "kept"}
 PER_EXAMPLE = {"ids", "lengths", "slots", "segment_bounds"}  # cut by example; "offsets" by token; the rest by slot
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp)`` on a temp file next to ``path``, then move it onto ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _sha256(path: Path) -> str:
@@ -182,7 +169,7 @@ def _write_shard(directory: Path, number: int, chunk: dict, start: int) -> dict:
     name = f"shard-{number:05d}.safetensors"
     path = directory / name
     tensors = {k: v.contiguous() for k, v in chunk.items() if k != "ids"}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp))
     stop = start + len(chunk["ids"])
     return {"file": name, "start": start, "stop": stop, "bytes": path.stat().st_size, "sha256": _sha256(path)}
 
@@ -251,7 +238,7 @@ def write_store(
         "ids": ids,
         "shards": shards,
     }
-    _atomic_write(directory / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
+    atomic_write(directory / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
     names = {s["file"] for s in shards}
     for stale in directory.glob("shard-*.safetensors"):  # left by an earlier, longer store in this directory
         if stale.name not in names:

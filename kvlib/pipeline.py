@@ -20,7 +20,6 @@ checkpoint directory (``path``: real models; a teacher without a ``train`` secti
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from kvlib.config import GroupConfig, ModelConfig, from_dict
 from kvlib.data import TASKS, load_gsm8k, load_jsonl, make_splits, save_jsonl, split_sha256
 from kvlib.distill import Distiller, TeacherAligner, collate_fn
 from kvlib.evaluate import accuracy, evaluate
+from kvlib.files import write_json
 from kvlib.fusion import make_fusion
 from kvlib.hf import kv_spec
 from kvlib.kvstore import KVStore
@@ -40,15 +40,6 @@ from kvlib.text import load_tokenizer, save_tokenizer, train_tokenizer
 from kvlib.train import train
 
 SPLITS = ("teacher_train", "student_train", "validation", "test")
-
-
-def write_json(path: str | Path, obj) -> None:
-    """Write ``obj`` as JSON, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def prepare_data(sizes: dict, seed: int, max_operand: int, out_dir: str | Path, gsm8k_test: str = "") -> dict:

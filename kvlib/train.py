@@ -36,6 +36,7 @@ from tqdm import tqdm
 from kvlib.config import TrainConfig
 from kvlib.data import TASKS
 from kvlib.distill import Distiller
+from kvlib.files import write_json
 from kvlib.losses import gradient_shares
 
 
@@ -66,12 +67,6 @@ def _save_checkpoint(accelerator: Accelerator, folder: Path, state: dict) -> Non
         os.replace(tmp, folder)
         shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def train(
@@ -201,6 +196,6 @@ def train(
         accelerator.unwrap_model(model).student.save_pretrained(out / "model")
         rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
         summary |= {"final": rows[-1] if rows else {}}
-        _write_json(out / "summary.json", summary)
+        write_json(out / "summary.json", summary)
     accelerator.wait_for_everyone()
     return summary
