@@ -63,7 +63,7 @@ class TrainConfig:
     """The optimisation: AdamW with linear warm-up and cosine decay, for a fixed number of optimizer steps."""
 
     steps: int = 200
-    batch_size: int = 16
+    batch_size: int = 16  # examples per micro-batch and process
     grad_accum: int = 1
     lr: float = 3e-3
     weight_decay: float = 0.01

@@ -125,6 +125,7 @@ class Distiller(nn.Module):
             if aligner.spec_s != spec_s:
                 raise ValueError(f"aligner {i} targets {aligner.spec_s} but the student is {spec_s}")
         self.student, self.aligners, self.kv, self.fusion = student, nn.ModuleList(aligners), kv, fusion
+        self._no_split_modules = getattr(student, "_no_split_modules", None)  # FSDP wraps the student's blocks
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         ids, mask = batch["input_ids"], batch["attention_mask"]

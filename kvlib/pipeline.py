@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 
 from kvlib.config import GroupConfig, ModelConfig, from_dict
 from kvlib.data import TASKS, load_gsm8k, load_jsonl, make_splits, save_jsonl, split_sha256
@@ -159,8 +160,7 @@ def train_student(
     out = Path(out_dir)
     splits = load_splits(data_dir)
     examples = splits["student_train"]
-    model, tokenizer = _build(cfg, [e.text for e in examples], seed)
-    save_tokenizer(tokenizer, out / "tokenizer")
+    model, tokenizer = _build(cfg, [e.text for e in examples], seed)  # the same on every process
     spec_s = kv_spec(model.config)
     stores = [KVStore(Path(kv_root) / name) for name in g.teachers]
     aligners = []
@@ -196,5 +196,7 @@ def train_student(
     collate = collate_fn(tokenizer, examples, stores)
     summary = train(distiller, collate, len(examples), train_cfg, out, progress=progress, validate=validate)
     summary |= {"train_seconds": round(time.perf_counter() - start, 1), "seed": seed, "teachers": g.teachers}
-    write_json(out / "summary.json", summary)
+    if PartialState().is_main_process:  # set up by the training loop; under a launcher only the main process writes
+        save_tokenizer(tokenizer, out / "tokenizer")
+        write_json(out / "summary.json", summary)
     return summary

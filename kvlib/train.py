@@ -4,17 +4,19 @@ The same code runs on a CPU, one GPU, several GPUs or several nodes (``accelerat
 trainable computation sits in one ``Distiller.forward``. Notable choices:
 
 - **fixed compute**: training runs for ``steps`` optimizer steps of ``batch_size x grad_accum``
-  examples (``drop_last``), so groups compared in a study see the same number of examples;
+  examples per process (``drop_last``), so groups compared in a study see the same number of
+  examples; under data parallelism each step takes ``num_processes`` times as many;
 - **reproducible data order**: epoch ``e`` shuffles with a generator seeded by ``seed + e``, so a
   resumed run skips exactly the micro-batches it had consumed and sees the same order;
 - **checkpoints** (model, optimizer, scheduler, RNG states, step) are written to
   ``checkpoint.tmp`` and renamed over ``checkpoint``: an interruption never leaves a half-written one.
   A run started in a folder with a checkpoint resumes from it and ends with the same parameters as an
   uninterrupted run; ``stop_at`` ends a call early after checkpointing (time-sliced cluster jobs);
-- **metrics** go to ``metrics.jsonl``, one line per ``log_every`` steps (losses, learning rate,
-  validation numbers every ``eval_every`` steps when a ``validate`` callback is given,
-  tokens seen, with a fusion the teachers' mean weights per task and student layer, and every
-  ``share_every`` steps each loss term's share of the gradient on the student).
+- **metrics** go to ``metrics.jsonl``, one line per ``log_every`` steps (losses averaged over all
+  processes, learning rate, validation numbers every ``eval_every`` steps when a ``validate``
+  callback is given, tokens the main process has seen, with a fusion the teachers' mean weights per
+  task and student layer, and every ``share_every`` steps each loss term's share of the gradient on
+  the student).
 """
 
 from __future__ import annotations
@@ -69,6 +71,14 @@ def _save_checkpoint(accelerator: Accelerator, folder: Path, state: dict) -> Non
     accelerator.wait_for_everyone()
 
 
+def _mean_over_processes(accelerator: Accelerator, sums: dict[str, float], count: int) -> dict[str, float]:
+    """Each logged term's mean over the ``count`` micro-batches of every process (all processes call this)."""
+    names = sorted(sums)
+    totals = torch.tensor([sums[n] for n in names], dtype=torch.float64, device=accelerator.device)
+    means = accelerator.reduce(totals, reduction="mean") / count
+    return {name: float(value) for name, value in zip(names, means)}
+
+
 def train(
     distiller: Distiller,
     collate: Callable[[Sequence[int]], dict],
@@ -85,8 +95,8 @@ def train(
     ``cfg.eval_every`` steps and at the end; its numbers are logged with a ``val_`` prefix.
 
     Writes ``metrics.jsonl``, ``checkpoint/`` and, when all ``cfg.steps`` are done, ``model/`` (the
-    student, ``save_pretrained``) and ``summary.json``. Returns the summary (or the progress so far when
-    stopped early by ``stop_at``).
+    student, ``save_pretrained``, gathered from all processes under FSDP) and ``summary.json``. Returns the
+    summary (or the progress so far when stopped early by ``stop_at``).
     """
     micro_batch = cfg.batch_size
     if num_examples < micro_batch:
@@ -169,7 +179,7 @@ def train(
             evaluating = validate is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps)
             if step % cfg.log_every == 0 or step == cfg.steps or evaluating:
                 row = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0], "tokens": tokens}
-                row |= {name: total / count for name, total in sums.items()}
+                row |= _mean_over_processes(accelerator, sums, count)
                 if evaluating and accelerator.is_main_process:
                     row |= {f"val_{name}": value for name, value in validate().items()}
                     model.train()
@@ -191,9 +201,13 @@ def train(
                 break
         epoch += 1
     bar.close()
-    summary = {"steps": step, "finished": step >= cfg.steps, "examples_per_step": micro_batch * cfg.grad_accum}
+    examples_per_step = micro_batch * cfg.grad_accum * accelerator.num_processes
+    summary = {"steps": step, "finished": step >= cfg.steps, "examples_per_step": examples_per_step}
+    if step >= cfg.steps:
+        state = accelerator.get_state_dict(model)  # full parameters, gathered from FSDP shards by every process
     if step >= cfg.steps and accelerator.is_main_process:
-        accelerator.unwrap_model(model).student.save_pretrained(out / "model")
+        student = {name.removeprefix("student."): t for name, t in state.items() if name.startswith("student.")}
+        accelerator.unwrap_model(model).student.save_pretrained(out / "model", state_dict=student)
         rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
         summary |= {"final": rows[-1] if rows else {}}
         write_json(out / "summary.json", summary)

@@ -1,0 +1,90 @@
+"""Train one student as a script, so that ``accelerate launch``, ``torchrun`` or SLURM's ``srun`` start it
+on one or many GPUs and nodes:
+
+    accelerate launch --config_file params/accelerate/multi_gpu.yaml -m kvlib.launch \\
+        --params params/real_qwen2_tinyllama.yaml --group G1 --seed 0
+
+The script reads the ``train`` section of a params file (the parameters of ``notebooks/05_train.ipynb``)
+and trains student ``<group>-<seed>`` into ``out_root`` as the notebook does in its own kernel. When
+that section sets ``launch``, a command prefix such as ``accelerate launch --config_file
+params/accelerate/multi_gpu.yaml``, the notebook runs this script under it instead (``run_train``), so
+that ``dvc repro`` scales out from the params alone. Relative paths are taken from the project root.
+``batch_size`` is per process: N processes train on N times as many examples per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+
+from kvlib import project_root
+from kvlib.pipeline import train_student
+
+
+def student_dir(parameters: dict, group: str, seed: int) -> Path:
+    """Where student ``<group>-<seed>`` is trained: ``out_root/<group>-<seed>`` under the project root."""
+    return project_root() / parameters["out_root"] / f"{group}-{seed}"
+
+
+def train_here(parameters: dict, group: str, seed: int, progress: bool = True) -> dict:
+    """Train student ``<group>-<seed>`` in this process (one of several under a launcher); returns its summary."""
+    if group not in parameters["groups"]:
+        raise ValueError(f"group {group!r} is not among the groups {sorted(parameters['groups'])}")
+    root = project_root()
+    torch.set_num_threads(parameters["threads"])
+    alignment = root / parameters["alignment_dir"]
+    return train_student(
+        parameters["student"],
+        parameters["groups"][group],
+        seed,
+        root / parameters["data_dir"],
+        student_dir(parameters, group, seed),
+        root / parameters["kv_root"],
+        alignment if alignment.exists() else None,
+        progress,
+    )
+
+
+def run_train(parameters: dict, group: str, seed: int, progress: bool = True) -> dict:
+    """Train student ``<group>-<seed>``: in this process, or, when ``parameters["launch"]`` holds a launcher
+    command prefix, in the processes that launcher starts; returns the training summary."""
+    launch = parameters.get("launch") or ""
+    if not launch:
+        return train_here(parameters, group, seed, progress)
+    with tempfile.TemporaryDirectory() as tmp:
+        params_file = Path(tmp) / "params.yaml"
+        params_file.write_text(yaml.safe_dump({"train": {**parameters, "launch": ""}}))
+        command = [*shlex.split(launch), "-m", "kvlib.launch", "--params", str(params_file)]
+        command += ["--group", group, "--seed", str(seed)]
+        print(f"[kvlib] {shlex.join(command)}", flush=True)
+        try:
+            subprocess.run(command, check=True, cwd=project_root())
+        except FileNotFoundError as e:
+            raise ValueError(f"launch command {launch!r} names no program on PATH ({e.filename})") from e
+        except subprocess.CalledProcessError as e:
+            raise RuntimeError(f"training under {launch!r} failed with exit status {e.returncode}") from e
+    return json.loads((student_dir(parameters, group, seed) / "summary.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", required=True, help="a params file; its section `train` is read")
+    parser.add_argument("--group", required=True)
+    parser.add_argument("--seed", type=int, required=True)
+    args = parser.parse_args(argv)
+    params = yaml.safe_load(Path(args.params).read_text()) or {}
+    if not isinstance(params.get("train"), dict):
+        raise ValueError(f"{args.params} has no section 'train'; its sections: {sorted(params)}")
+    train_here(params["train"], args.group, args.seed)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Scale-out: the committed accelerate configs, and the train stage run by a launcher in several processes."""
+
+import json
+import os
+import shlex
+import sys
+
+import pytest
+import yaml
+from accelerate.commands.config.config_args import load_config_from_file
+from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+from accelerate.utils import FullyShardedDataParallelPlugin
+from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+from accelerate.utils.launch import prepare_multi_gpu_env
+from tiny import tiny
+
+from kvlib import project_root
+from kvlib.distill import Distiller
+from kvlib.launch import main, run_train
+from kvlib.models import load_model
+from kvlib.pipeline import extract_teacher_kv, prepare_data, train_teacher
+
+CONFIGS = project_root() / "params" / "accelerate"
+# config -> (distributed type, processes, machines)
+EXPECTED = {
+    "single_gpu": ("NO", 1, 1),
+    "multi_gpu": ("MULTI_GPU", 8, 1),
+    "fsdp": ("FSDP", 8, 1),
+    "multi_node": ("MULTI_GPU", 16, 2),
+}
+
+
+def launch_args(config: str):
+    """What ``accelerate launch --config_file <config> -m kvlib.launch`` resolves (no process is started)."""
+    parser = launch_command_parser()
+    args = parser.parse_args(["--config_file", str(CONFIGS / f"{config}.yaml"), "-m", "kvlib.launch", "--params", "p"])
+    return _validate_launch_command(args)[0]
+
+
+def test_every_config_is_committed_and_tested():
+    assert sorted(p.stem for p in CONFIGS.glob("*.yaml")) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("config", EXPECTED)
+def test_accelerate_reads_each_config_as_intended(config):
+    kind, processes, machines = EXPECTED[config]
+    cfg = load_config_from_file(str(CONFIGS / f"{config}.yaml"))
+    assert (cfg.distributed_type.value, cfg.num_processes, cfg.num_machines) == (kind, processes, machines)
+    assert cfg.mixed_precision == "bf16" and not cfg.use_cpu
+    args = launch_args(config)
+    assert (args.num_processes, args.num_machines, args.mixed_precision) == (processes, machines, "bf16")
+    assert args.multi_gpu == (kind == "MULTI_GPU") and args.use_fsdp == (kind == "FSDP")
+
+
+def test_fsdp_shards_each_decoder_block_of_the_student(monkeypatch):
+    env = prepare_multi_gpu_env(launch_args("fsdp"))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2 and plugin.state_dict_type.name == "SHARDED_STATE_DICT"
+    distiller = Distiller(tiny("llama-gqa"))
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, distiller)
+    wrapped = {type(m).__name__ for m in distiller.modules() if policy(m)}
+    assert wrapped == {"LlamaDecoderLayer"}
+
+
+def test_launch_prefixes_in_the_params_name_committed_configs():
+    for params_file in sorted((project_root() / "params").glob("*.yaml")):
+        launch = shlex.split(yaml.safe_load(params_file.read_text())["train"]["launch"])
+        if "--config_file" in launch:
+            assert (project_root() / launch[launch.index("--config_file") + 1]).exists(), params_file.name
+
+
+SIZES = {"teacher_train": 16, "student_train": 16, "validation": 0, "test": 2}
+TRAIN = {"steps": 2, "batch_size": 4, "warmup_steps": 1, "log_every": 1, "save_every": 10, "share_every": 0}
+SHAPE = {"family": "llama", "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 8, "hidden_size": 32}
+
+
+@pytest.fixture(scope="module")
+def stage(tmp_path_factory):
+    """The train section of a params file (absolute paths) over two teachers' KV stores."""
+    root = tmp_path_factory.mktemp("launch")
+    prepare_data(SIZES, seed=0, max_operand=9, out_dir=root / "data")
+    for name, family in (("A", "qwen2"), ("B", "mistral")):
+        teacher = {"shape": {**SHAPE, "family": family}, "tokenizer": {"kind": "char", "vocab_size": None}, "train": TRAIN}
+        train_teacher(teacher | {"max_new_tokens": 4}, root / "data", root / "teacher" / name, progress=False)
+        extract_teacher_kv(root / "teacher" / name, root / "data", root / "kv" / name, progress=False)
+    student = {"shape": SHAPE, "tokenizer": {"kind": "bpe", "vocab_size": 280}, "train": TRAIN, "max_new_tokens": 4}
+    routed = {"teachers": ["A", "B"], "kv": {"weight": 0.5}, "fusion": {"kind": "router", "entropy_weight": 0.01}}
+    return {
+        "student": student,
+        "groups": {"G0": {"teachers": []}, "R": routed},
+        "data_dir": str(root / "data"),
+        "kv_root": str(root / "kv"),
+        "alignment_dir": str(root / "alignment"),
+        "out_root": str(root / "students"),
+        "threads": 1,
+        "launch": "",
+    }
+
+
+def test_two_launched_processes_train_one_routed_student(stage, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")  # REFERENCE.md: CPU data parallelism via torchrun
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torchrun = f"{shlex.quote(sys.executable)} -m torch.distributed.run --nproc_per_node 2"
+    summary = run_train(stage | {"launch": torchrun}, "R", 3, progress=False)
+    assert summary["finished"] and summary["seed"] == 3
+    assert summary["examples_per_step"] == 2 * TRAIN["batch_size"]  # per process x processes
+    out = project_root() / stage["out_root"] / "R-3"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]  # one writer
+    assert all({"ce", "kv", "entropy", "fusion_weights"} <= set(r) for r in rows)
+    student = load_model(out / "model")
+    assert student.config.num_hidden_layers == SHAPE["num_layers"]
+    assert sorted(os.listdir(out)) == ["checkpoint", "metrics.jsonl", "model", "summary.json", "tokenizer"]
+
+
+def test_the_script_trains_the_group_named(stage, tmp_path):
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump({"train": stage}))
+    main(["--params", str(params_file), "--group", "G0", "--seed", "1"])
+    summary = json.loads((project_root() / stage["out_root"] / "G0-1" / "summary.json").read_text())
+    assert summary["finished"] and summary["teachers"] == [] and summary["examples_per_step"] == 4
+
+
+def test_bad_launches_are_named(stage, tmp_path):
+    with pytest.raises(ValueError, match="group 'G9' is not among"):
+        run_train(stage, "G9", 0)
+    with pytest.raises(ValueError, match="names no program"):
+        run_train(stage | {"launch": "no-such-launcher --x"}, "G0", 0)
+    with pytest.raises(RuntimeError, match="failed with exit status"):
+        run_train(stage | {"launch": f"{sys.executable} -c 'import sys; sys.exit(3)'"}, "G0", 0)
+    (tmp_path / "p.yaml").write_text("data: {}\n")
+    with pytest.raises(ValueError, match="has no section 'train'"):
+        main(["--params", str(tmp_path / "p.yaml"), "--group", "G0", "--seed", "0"])
