@@ -139,34 +139,42 @@ class Distiller(nn.Module):
         real = mask[:, 1:].bool()  # (B, T-1): next tokens that exist
         terms = {"ce": F.cross_entropy(out.logits[:, :-1][real].float(), ids[:, 1:][real])}
         if self.aligners:
-            kv_s = out.kv
-            if self.kv.pre_rope:
-                positions = torch.arange(ids.shape[1], device=ids.device)
-                kv_s = [(unrotate_keys(k, positions, self.student.config), v) for k, v in kv_s]
-            aligned = [aligner(t, batch) for aligner, t in zip(self.aligners, batch["teachers"])]
-            if self.fusion is None:
-                targets, _, covered = aligned[0]
-            else:
-                targets, covered, terms["fusion_weights"], entropy = self._fuse(aligned, kv_s, out, batch)
-                if self.fusion.aux_loss.requires_grad:
-                    terms["entropy"] = entropy
-            terms["kv"], _ = kv_loss(
-                kv_s, targets, covered, self.kv.loss, self.kv.k_weight, self.kv.v_weight, self.kv.normalize
-            )
-            if self.kv.relation_weight > 0:
-                terms["relation"] = torch.stack(
-                    [
-                        relation_loss(xs, xt, cov, self.kv.relation_heads)
-                        for _, unprojected, cov in aligned
-                        for (ks, vs), (kt, vt) in zip(kv_s, unprojected)
-                        for xs, xt in ((ks, kt), (vs, vt))
-                    ]
-                ).mean()
+            terms |= self.kv_terms(out.kv, batch, out.hidden, out.queries)
         weights = self.term_weights()
         terms["loss"] = sum(weights[name] * terms[name] for name in weights if name in terms)
         return terms
 
-    def _fuse(self, aligned, kv_s, out, batch):
+    def kv_terms(self, kv_s: list, batch: dict, hidden: list | None = None, queries: list | None = None) -> dict:
+        """The teacher terms for the student's cache ``kv_s`` (Ls pairs of (B, Hs, Ts, Ds), post-RoPE): ``kv``,
+        and as configured ``relation``, ``entropy`` and ``fusion_weights``. Everything between the student's
+        forward and the loss happens here (un-rotation, time / layer / head alignment, fusion, loss); a router
+        needs the student's ``hidden`` states, attention fusion its ``queries`` (``forward_with_kv``)."""
+        terms = {}
+        if self.kv.pre_rope:
+            positions = torch.arange(kv_s[0][0].shape[2], device=kv_s[0][0].device)
+            kv_s = [(unrotate_keys(k, positions, self.student.config), v) for k, v in kv_s]
+        aligned = [aligner(t, batch) for aligner, t in zip(self.aligners, batch["teachers"])]
+        if self.fusion is None:
+            targets, _, covered = aligned[0]
+        else:
+            targets, covered, terms["fusion_weights"], entropy = self._fuse(aligned, kv_s, hidden, queries, batch)
+            if self.fusion.aux_loss.requires_grad:
+                terms["entropy"] = entropy
+        terms["kv"], _ = kv_loss(
+            kv_s, targets, covered, self.kv.loss, self.kv.k_weight, self.kv.v_weight, self.kv.normalize
+        )
+        if self.kv.relation_weight > 0:
+            terms["relation"] = torch.stack(
+                [
+                    relation_loss(xs, xt, cov, self.kv.relation_heads)
+                    for _, unprojected, cov in aligned
+                    for (ks, vs), (kt, vt) in zip(kv_s, unprojected)
+                    for xs, xt in ((ks, kt), (vs, vt))
+                ]
+            ).mean()
+        return terms
+
+    def _fuse(self, aligned, kv_s, hidden, queries, batch):
         """Per student layer, fuse the teachers' targets; returns targets, mask, weights (Ls, B, N), entropy."""
         targets, weights, entropy = [], [], 0.0
         masks = [covered for _, _, covered in aligned]
@@ -175,8 +183,8 @@ class Distiller(nn.Module):
                 [t[layer] for t, _, _ in aligned],
                 masks,
                 student_kv=kv_s[layer],
-                student_h=out.hidden[layer] if out.hidden is not None else None,
-                student_q=out.queries[layer] if out.queries is not None else None,
+                student_h=hidden[layer] if hidden is not None else None,
+                student_q=queries[layer] if queries is not None else None,
                 task_ids=batch["task_ids"],
                 layer=layer,
             )

@@ -62,9 +62,17 @@ class ForwardKV(NamedTuple):
 
 
 def forward_with_kv(
-    model, input_ids: Tensor, attention_mask: Tensor | None = None, hidden: bool = False, queries: bool = False
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    hidden: bool = False,
+    queries: bool = False,
+    logits: bool = True,
 ) -> ForwardKV:
     """Run ``model`` on ``input_ids`` (B, T) once: logits, cache, and optionally hidden states and queries.
+
+    Without ``logits`` only the last position's logits are computed (``logits_to_keep=1``), which spares
+    the output layer's vocabulary-sized product where only the cache is wanted.
 
     Keys are post-RoPE, as stored by the model. Positions past the attention mask hold whatever the
     model computed there: mask them downstream. Gradients flow when the model is trainable.
@@ -87,7 +95,13 @@ def forward_with_kv(
             )
         handles = [q.register_forward_hook(lambda mod, inp, out: caught.append(out)) for q in q_projs]
     try:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, output_hidden_states=hidden)
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            use_cache=True,
+            output_hidden_states=hidden,
+            logits_to_keep=0 if logits else 1,
+        )
     finally:
         for h in handles:
             h.remove()
@@ -109,7 +123,7 @@ def forward_with_kv(
 
 def extract_kv(model, input_ids: Tensor, attention_mask: Tensor | None = None) -> list[tuple[Tensor, Tensor]]:
     """The cache of ``model`` over ``input_ids`` (B, T): L pairs of (B, H, T, D); see ``forward_with_kv``."""
-    return forward_with_kv(model, input_ids, attention_mask).kv
+    return forward_with_kv(model, input_ids, attention_mask, logits=False).kv
 
 
 def extract_kv_and_attention(
@@ -123,7 +137,13 @@ def extract_kv_and_attention(
     own = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, output_attentions=True)
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            use_cache=True,
+            output_attentions=True,
+            logits_to_keep=1,
+        )
     finally:
         model.set_attn_implementation(own)
     return [(layer.keys, layer.values) for layer in out.cache.layers], list(out.attentions)

@@ -21,6 +21,15 @@ CONFIGS = {
 }
 FAMILIES = tuple(CONFIGS)
 
+# Published configs of real teacher / student checkpoints (config.json on the Hugging Face Hub):
+# family, hidden size, MLP width, layers, query heads, KV heads, head dim, rope theta, vocabulary, tied output.
+REAL_SHAPES = {
+    "qwen2.5-1.5b": ("qwen2", 1536, 8960, 28, 12, 2, 128, 1e6, 151936, True),
+    "qwen2-7b": ("qwen2", 3584, 18944, 28, 28, 4, 128, 1e6, 152064, False),
+    "qwen2.5-0.5b": ("qwen2", 896, 4864, 24, 14, 2, 64, 1e6, 151936, True),
+    "tinyllama-1.1b": ("llama", 2048, 5632, 22, 32, 4, 64, 1e4, 32000, False),
+}
+
 
 def model_config(
     family: str,
@@ -64,6 +73,31 @@ def model_config(
         head_dim=head_dim,
         max_position_embeddings=max_positions,
         rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+
+
+def real_config(name: str, num_layers: int | None = None, vocab_size: int | None = None):
+    """The config of the real checkpoint ``name`` (``REAL_SHAPES``), optionally with fewer layers (CPU memory)
+    or another vocabulary size; built with ``build_model`` it is that model's architecture with random weights."""
+    if name not in REAL_SHAPES:
+        raise ValueError(f"no real shape {name!r}; known: {sorted(REAL_SHAPES)}")
+    family, hidden, mlp, layers, heads, kv_heads, head_dim, theta, vocab, tied = REAL_SHAPES[name]
+    if num_layers is not None and not 1 <= num_layers <= layers:
+        raise ValueError(f"{name} has {layers} layers; num_layers must lie in [1, {layers}], got {num_layers}")
+    return CONFIGS[family](
+        vocab_size=vocab_size or vocab,
+        hidden_size=hidden,
+        intermediate_size=mlp,
+        num_hidden_layers=num_layers or layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": theta},
+        tie_word_embeddings=tied,
         bos_token_id=None,
         eos_token_id=None,
         pad_token_id=None,

@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from tqdm import tqdm
 
 from kvlib.compress import crop_slots, gather_slots, rkv_scores, select_slots
@@ -35,6 +36,39 @@ def _segment_masks(bounds: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Te
     t = torch.arange(T)[None]  # (1, T)
     answer_start, end = bounds[:, -2:-1], bounds[:, -1:]
     return (t >= answer_start) & (t < end), t < answer_start
+
+
+@torch.no_grad()
+def run_teacher(
+    model, tokenizer, examples: list[Example], pre_rope: bool = True, attention: bool = False
+) -> tuple[dict, list[tuple[Tensor, Tensor]], list[Tensor] | None]:
+    """The teacher over ``examples``, tokenised by its own tokenizer: ``(encoded, kv, attn)``.
+
+    encoded: ``kvlib.text.encode_batch`` (on the CPU); kv: L pairs of (B, H, T, D) on the model's device,
+    keys un-rotated with ``pre_rope``; attn: with ``attention`` the L (B, Hq, T, T) attention weights, else None.
+    """
+    device = next(model.parameters()).device
+    spans = [{name: e.spans[name] for name in SEGMENTS} for e in examples]
+    enc = encode_batch(tokenizer, [e.text for e in examples], spans)
+    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    if attention:
+        kv, attn = extract_kv_and_attention(model, ids, mask)
+    else:
+        kv, attn = extract_kv(model, ids, mask), None
+    if pre_rope:
+        positions = torch.arange(ids.shape[1], device=device)
+        kv = [(unrotate_keys(k, positions, model.config), v) for k, v in kv]
+    return enc, kv, attn
+
+
+def online_batch(model, tokenizer, examples: list[Example], pre_rope: bool = True) -> dict:
+    """What ``KVStore.batch`` returns for ``examples``, computed by running the teacher now instead of reading
+    a store (uncompressed; KV in the model's dtype, on its device; the rest on the CPU)."""
+    enc, kv, _ = run_teacher(model, tokenizer, examples, pre_rope)
+    real = enc["attention_mask"].bool().to(kv[0][0].device)  # (B, T)
+    kv = [(k.masked_fill(~real[:, None, :, None], 0), v.masked_fill(~real[:, None, :, None], 0)) for k, v in kv]
+    mask = real[:, None].expand(-1, kv[0][0].shape[1], -1)  # (B, H, T)
+    return {"kv": kv, "mask": mask} | {k: enc[k] for k in ("attention_mask", "offsets", "segment_bounds")}
 
 
 @torch.no_grad()
@@ -58,28 +92,19 @@ def extract_store(
         raise ValueError(f"budget must be >= 1 slot per head, or None for no compression; got {budget}")
     model.eval()
     spec = kv_spec(model.config)
-    device = next(model.parameters()).device
 
     def batches():
         for i in tqdm(range(0, len(examples), batch_size), disable=not progress, desc="teacher KV"):
             chunk = examples[i : i + batch_size]
-            spans = [{name: e.spans[name] for name in SEGMENTS} for e in chunk]
-            enc = encode_batch(tokenizer, [e.text for e in chunk], spans)
-            ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-            if budget is not None and compression == "rkv":
-                kv, attn = extract_kv_and_attention(model, ids, mask)
-            else:
-                kv, attn = extract_kv(model, ids, mask), None
-            if pre_rope:
-                positions = torch.arange(ids.shape[1], device=device)
-                kv = [(unrotate_keys(k, positions, model.config), v) for k, v in kv]
+            attention = budget is not None and compression == "rkv"
+            enc, kv, attn = run_teacher(model, tokenizer, chunk, pre_rope, attention)
             kv = [(k.float().cpu(), v.float().cpu()) for k, v in kv]  # the store converts to its dtype
             attn = None if attn is None else [a.float().cpu() for a in attn]
-            mask = mask.cpu()
+            mask = enc["attention_mask"]
             batch = {"ids": [e.id for e in chunk], "kv": kv, "attention_mask": mask}
             batch |= {"offsets": enc["offsets"], "segment_bounds": enc["segment_bounds"]}
             if budget is not None:
-                observers, eligible = _segment_masks(enc["segment_bounds"], ids.shape[1])
+                observers, eligible = _segment_masks(enc["segment_bounds"], mask.shape[1])
                 eligible &= mask.bool()
                 if attn is None:
                     positions, kept = crop_slots(eligible, budget, spec.num_kv_heads)

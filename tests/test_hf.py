@@ -108,3 +108,16 @@ def test_forward_with_kv_returns_queries_grouped_onto_kv_heads():
 def test_queries_need_separate_query_projections():
     with pytest.raises(ValueError, match="found 0 self_attn.q_proj modules for 2 layers"):
         forward_with_kv(tiny("gpt2"), torch.zeros(1, 3, dtype=torch.long), queries=True)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "gpt2"])
+def test_extract_kv_skips_the_output_layer_but_not_the_cache(name):
+    model = tiny(name).eval()
+    ids = torch.randint(0, 61, (2, 9))
+    full = forward_with_kv(model, ids)
+    lean = forward_with_kv(model, ids, logits=False)
+    assert full.logits.shape == (2, 9, 61) and lean.logits.shape == (2, 1, 61)
+    torch.testing.assert_close(lean.logits[:, 0], full.logits[:, -1])
+    for (k, v), (k2, v2) in zip(full.kv, extract_kv(model, ids)):
+        torch.testing.assert_close(k2, k)
+        torch.testing.assert_close(v2, v)

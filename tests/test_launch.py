@@ -82,7 +82,11 @@ def stage(tmp_path_factory):
     root = tmp_path_factory.mktemp("launch")
     prepare_data(SIZES, seed=0, max_operand=9, out_dir=root / "data")
     for name, family in (("A", "qwen2"), ("B", "mistral")):
-        teacher = {"shape": {**SHAPE, "family": family}, "tokenizer": {"kind": "char", "vocab_size": None}, "train": TRAIN}
+        teacher = {
+            "shape": {**SHAPE, "family": family},
+            "tokenizer": {"kind": "char", "vocab_size": None},
+            "train": TRAIN,
+        }
         train_teacher(teacher | {"max_new_tokens": 4}, root / "data", root / "teacher" / name, progress=False)
         extract_teacher_kv(root / "teacher" / name, root / "data", root / "kv" / name, progress=False)
     student = {"shape": SHAPE, "tokenizer": {"kind": "bpe", "vocab_size": 280}, "train": TRAIN, "max_new_tokens": 4}

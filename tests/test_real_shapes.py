@@ -4,33 +4,15 @@ random weights, fewer layers so that CPU memory suffices): Qwen2.5-1.5B -> Qwen2
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from kvlib.config import KVConfig
 from kvlib.data import SEGMENTS, generate
 from kvlib.distill import Distiller, TeacherAligner
-from kvlib.hf import extract_kv, kv_spec
+from kvlib.hf import kv_spec
 from kvlib.layers import layer_map
-from kvlib.rope import unrotate_keys
+from kvlib.models import REAL_SHAPES, build_model, real_config
+from kvlib.teacher_kv import online_batch
 from kvlib.text import encode_batch, train_tokenizer
-
-SHAPES = {  # published hidden / intermediate sizes, attention heads, KV heads, head dim and rope theta
-    "qwen2.5-1.5b": (Qwen2Config, 1536, 8960, 12, 2, 128, 1e6),
-    "qwen2-7b": (Qwen2Config, 3584, 18944, 28, 4, 128, 1e6),
-    "qwen2.5-0.5b": (Qwen2Config, 896, 4864, 14, 2, 64, 1e6),
-    "tinyllama-1.1b": (LlamaConfig, 2048, 5632, 32, 4, 64, 1e4),
-}
-
-
-def build(name, layers, vocab_size):
-    cls, hidden, inter, heads, kv_heads, head_dim, theta = SHAPES[name]
-    config = cls(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
-        rope_parameters={"rope_type": "default", "rope_theta": theta},
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config)
 
 
 @pytest.mark.parametrize(
@@ -41,19 +23,12 @@ def test_distillation_step_runs_on_real_shapes(teacher_name, student_name):
     spans = [{s: e.spans[s] for s in SEGMENTS} for e in examples]
     tok_t = train_tokenizer("char", [e.text for e in examples])
     tok_s = train_tokenizer("bpe", [e.text for e in examples], vocab_size=300)
-    teacher, student = build(teacher_name, 1, len(tok_t)).eval(), build(student_name, 2, len(tok_s))
+    teacher = build_model(real_config(teacher_name, 1, len(tok_t)), seed=0).eval()
+    student = build_model(real_config(student_name, 2, len(tok_s)), seed=0)
     spec_t, spec_s = kv_spec(teacher.config), kv_spec(student.config)
     assert spec_t.head_dim == 128 and spec_s.head_dim == 64 and spec_s.num_kv_heads in (2, 4)
-    enc_t = encode_batch(tok_t, [e.text for e in examples], spans)
-    with torch.no_grad():
-        kv = extract_kv(teacher, enc_t["input_ids"], enc_t["attention_mask"])
-    positions = torch.arange(enc_t["input_ids"].shape[1])
-    kv = [(unrotate_keys(k, positions, teacher.config), v) for k, v in kv]
-    mask = enc_t["attention_mask"].bool()[:, None].expand(-1, spec_t.num_kv_heads, -1)
     batch = encode_batch(tok_s, [e.text for e in examples], spans)
-    batch["teachers"] = [
-        {"kv": kv, "mask": mask, **{k: enc_t[k] for k in ("attention_mask", "offsets", "segment_bounds")}}
-    ]
+    batch["teachers"] = [online_batch(teacher, tok_t, examples)]  # pre-RoPE keys, as a store holds them
     aligner = TeacherAligner(spec_t, spec_s, layer_map(1, 2), "linear", "span")
     d = Distiller(student, [aligner], KVConfig(weight=0.1))
     terms = d(batch)
@@ -61,3 +36,15 @@ def test_distillation_step_runs_on_real_shapes(teacher_name, student_name):
     terms["loss"].backward()
     assert d.aligners[0].projectors[0].dim_k.linear.weight.grad.abs().sum() > 0
     assert student.model.layers[1].self_attn.k_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", REAL_SHAPES)
+def test_real_configs_have_the_published_attention_layout(name):
+    full = real_config(name)
+    spec = kv_spec(full)
+    layers, heads, kv_heads, head_dim = REAL_SHAPES[name][3:7]
+    assert (spec.num_layers, spec.num_kv_heads, spec.head_dim) == (layers, kv_heads, head_dim)
+    assert full.num_attention_heads == heads and full.vocab_size == REAL_SHAPES[name][8]
+    assert kv_spec(real_config(name, 2, 300)).num_layers == 2
+    with pytest.raises(ValueError, match="num_layers must lie in"):
+        real_config(name, layers + 1)

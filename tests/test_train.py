@@ -14,7 +14,7 @@ from kvlib.fusion import make_fusion
 from kvlib.hf import extract_kv, kv_spec
 from kvlib.layers import layer_map
 from kvlib.rope import unrotate_keys
-from kvlib.teacher_kv import extract_store
+from kvlib.teacher_kv import extract_store, online_batch
 from kvlib.text import encode_batch, train_tokenizer
 from kvlib.train import train
 
@@ -29,6 +29,17 @@ def setup(tmp_path_factory):
     teacher = ModelShape("qwen2", 3, 4, 2, 16, 64).build(len(tok_t), seed=1)
     store = extract_store(teacher, tok_t, examples, tmp_path_factory.mktemp("store"), batch_size=5, progress=False)
     return examples, tok_t, tok_s, teacher, store
+
+
+def test_an_online_batch_is_what_the_store_returns(setup):
+    examples, tok_t, _, teacher, store = setup
+    online, stored = online_batch(teacher, tok_t, examples[3:7]), store.batch([3, 4, 5, 6])
+    assert online.keys() == stored.keys()
+    for name in ("mask", "attention_mask", "offsets", "segment_bounds"):
+        assert torch.equal(online[name], stored[name]), name
+    for (k, v), (k2, v2) in zip(online["kv"], stored["kv"]):
+        torch.testing.assert_close(k2, k, atol=2e-3, rtol=2e-3)  # the store holds fp16
+        torch.testing.assert_close(v2, v, atol=2e-3, rtol=2e-3)
 
 
 def student(tok, seed=0):
