@@ -272,6 +272,22 @@ class KVStore:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def footprint(self) -> dict:
+        """Size on disk: ``examples``, teacher ``tokens``, shard ``bytes``, ``bytes_per_token``, the bytes per token
+        of the same cache dense in float32 (``L x 2 x H x D x 4``) and the ratio of the two."""
+        tokens = sum(int(self._shard(s)["lengths"].sum()) for s in range(len(self._shards)))
+        stored = sum(entry["bytes"] for entry in self._shards)
+        dense = self.spec.num_layers * 2 * self.spec.num_kv_heads * self.spec.head_dim * 4
+        per_token = stored / max(tokens, 1)
+        return {
+            "examples": len(self),
+            "tokens": tokens,
+            "bytes": stored,
+            "bytes_per_token": per_token,
+            "dense_fp32_bytes_per_token": dense,
+            "ratio_to_dense_fp32": per_token / dense,
+        }
+
     def _shard(self, number: int) -> dict[str, Tensor]:
         """Shard ``number``'s tensors, verified against the manifest the first time and then cached."""
         if number not in self._cache:

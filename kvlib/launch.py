@@ -19,13 +19,13 @@ import json
 import shlex
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 import yaml
 
 from kvlib import project_root
+from kvlib.files import write_text
 from kvlib.pipeline import train_student
 
 
@@ -59,19 +59,22 @@ def run_train(parameters: dict, group: str, seed: int, progress: bool = True) ->
     launch = parameters.get("launch") or ""
     if not launch:
         return train_here(parameters, group, seed, progress)
-    with tempfile.TemporaryDirectory() as tmp:
-        params_file = Path(tmp) / "params.yaml"
-        params_file.write_text(yaml.safe_dump({"train": {**parameters, "launch": ""}}))
-        command = [*shlex.split(launch), "-m", "kvlib.launch", "--params", str(params_file)]
-        command += ["--group", group, "--seed", str(seed)]
-        print(f"[kvlib] {shlex.join(command)}", flush=True)
-        try:
-            subprocess.run(command, check=True, cwd=project_root())
-        except FileNotFoundError as e:
-            raise ValueError(f"launch command {launch!r} names no program on PATH ({e.filename})") from e
-        except subprocess.CalledProcessError as e:
-            raise RuntimeError(f"training under {launch!r} failed with exit status {e.returncode}") from e
-    return json.loads((student_dir(parameters, group, seed) / "summary.json").read_text())
+    out = student_dir(parameters, group, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    params_file = out / "launch.yaml"  # in the project, so that every node of a cluster job reads it
+    write_text(params_file, yaml.safe_dump({"train": {**parameters, "launch": ""}}))
+    command = [*shlex.split(launch), "-m", "kvlib.launch", "--params", str(params_file)]
+    command += ["--group", group, "--seed", str(seed)]
+    print(f"[kvlib] {shlex.join(command)}", flush=True)
+    try:
+        subprocess.run(command, check=True, cwd=project_root())
+    except FileNotFoundError as e:
+        raise ValueError(f"launch command {launch!r} names no program on PATH ({e.filename})") from e
+    except subprocess.CalledProcessError as e:
+        raise RuntimeError(f"training under {launch!r} failed with exit status {e.returncode}") from e
+    finally:
+        params_file.unlink()
+    return json.loads((out / "summary.json").read_text())
 
 
 def main(argv: list[str] | None = None) -> None:

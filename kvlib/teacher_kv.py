@@ -31,11 +31,21 @@ from kvlib.text import encode_batch
 COMPRESSIONS = ("rkv", "crop")
 
 
-def _segment_masks(bounds: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) masks of the answer tokens (observers) and of the prompt + reasoning tokens (eligible)."""
-    t = torch.arange(T)[None]  # (1, T)
+def segment_masks(bounds: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, T) masks of the answer tokens (observers) and of the real prompt + reasoning tokens (eligible),
+    from segment bounds (B, S + 1) and the attention mask (B, T)."""
+    t = torch.arange(attention_mask.shape[1])[None]  # (1, T)
     answer_start, end = bounds[:, -2:-1], bounds[:, -1:]
-    return (t >= answer_start) & (t < end), t < answer_start
+    return (t >= answer_start) & (t < end), (t < answer_start) & attention_mask.bool()
+
+
+def rkv_select(
+    attn: list[Tensor], keys: list[Tensor], observers: Tensor, eligible: Tensor, budget: int, lam: float = 0.1
+) -> tuple[Tensor, Tensor]:
+    """One R-KV selection per (example, KV head) for all layers: each layer's scores (attn L x (B, Hq, T, T),
+    keys L x (B, H, T, D)) averaged over layers, then the top ``budget`` eligible slots (``select_slots``)."""
+    scores = torch.stack([rkv_scores(a, k, observers, eligible, lam) for a, k in zip(attn, keys)])  # (L, B, H, T)
+    return select_slots(scores.mean(0), eligible, budget)  # (B, H, M) positions and kept
 
 
 @torch.no_grad()
@@ -104,13 +114,11 @@ def extract_store(
             batch = {"ids": [e.id for e in chunk], "kv": kv, "attention_mask": mask}
             batch |= {"offsets": enc["offsets"], "segment_bounds": enc["segment_bounds"]}
             if budget is not None:
-                observers, eligible = _segment_masks(enc["segment_bounds"], mask.shape[1])
-                eligible &= mask.bool()
+                observers, eligible = segment_masks(enc["segment_bounds"], mask)
                 if attn is None:
                     positions, kept = crop_slots(eligible, budget, spec.num_kv_heads)
                 else:
-                    scores = torch.stack([rkv_scores(a, k, observers, eligible, lam) for a, (k, _) in zip(attn, kv)])
-                    positions, kept = select_slots(scores.mean(0), eligible, budget)  # (B, H, M)
+                    positions, kept = rkv_select(attn, [k for k, _ in kv], observers, eligible, budget, lam)
                 batch["kv"] = [(gather_slots(k, positions), gather_slots(v, positions)) for k, v in kv]
                 batch |= {"positions": positions, "kept": kept}
             yield batch

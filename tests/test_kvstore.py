@@ -153,6 +153,17 @@ def test_kv_is_stored_in_fp16_at_half_the_bytes_per_token_of_fp32(teacher_batche
     )
 
 
+def test_footprint_counts_real_tokens_and_shard_bytes(teacher_batches, store_dir):
+    spec, batches = teacher_batches
+    f = KVStore(store_dir).footprint()
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    shards = sum(p.stat().st_size for p in store_dir.glob("shard-*.safetensors"))
+    assert (f["examples"], f["tokens"], f["bytes"]) == (sum(len(b["ids"]) for b in batches), tokens, shards)
+    assert f["dense_fp32_bytes_per_token"] == spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * 4
+    assert f["bytes_per_token"] == shards / tokens
+    assert 0.5 < f["ratio_to_dense_fp32"] < 1  # fp16 KV plus offsets and per-example records
+
+
 def test_compressed_store_scatters_kept_slots_back_to_their_positions(teacher_batches, tmp_path):
     spec, batches = teacher_batches
     g = torch.Generator().manual_seed(1)

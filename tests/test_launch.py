@@ -3,7 +3,9 @@
 import json
 import os
 import shlex
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -37,8 +39,33 @@ def launch_args(config: str):
     return _validate_launch_command(args)[0]
 
 
+def test_the_slurm_wrapper_gives_each_node_its_rank_and_the_head_node(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in {"scontrol": 'printf "gpu-017\\ngpu-018\\n"', "accelerate": 'echo "$@"'}.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_NODELIST": "gpu-[017-018]", "SLURM_NNODES": "2"}
+    env |= {"SLURM_NODEID": "1", "SLURM_GPUS_ON_NODE": "8"}
+    script = CONFIGS / "slurm.sh"
+    out = subprocess.run(["bash", str(script), "-m", "kvlib.launch", "--group", "G1"], env=env, capture_output=True)
+    assert out.returncode == 0, out.stderr
+    args = out.stdout.decode().split()
+    assert args[:2] == ["launch", "--config_file"] and Path(args[2]) == CONFIGS / "multi_node.yaml"
+    options = dict(zip(args[3:13:2], args[4:13:2]))
+    assert options == {
+        "--num_machines": "2",
+        "--num_processes": "16",
+        "--machine_rank": "1",
+        "--main_process_ip": "gpu-017",
+        "--main_process_port": "29500",
+    }
+    assert args[13:] == ["-m", "kvlib.launch", "--group", "G1"]
+
+
 def test_every_config_is_committed_and_tested():
     assert sorted(p.stem for p in CONFIGS.glob("*.yaml")) == sorted(EXPECTED)
+    assert sorted(p.name for p in CONFIGS.iterdir()) == sorted([*(f"{c}.yaml" for c in EXPECTED), "slurm.sh"])
 
 
 @pytest.mark.parametrize("config", EXPECTED)

@@ -29,7 +29,7 @@ def smoke():
 def test_every_stage_ran_and_left_its_executed_notebook(smoke):
     study = smoke["study"]
     runs = [f"{g}-{s}" for g in [study["control"], *study["groups"]] for s in study["seeds"]]
-    expected = ["01_data", "04_alignment", "06_evaluate", "07_statistics", "08_report"]
+    expected = ["01_data", "04_alignment", "06_evaluate", "07_statistics", "08_report", "09_benchmarks"]
     expected += [f"02_teacher-{t}" for t in study["teachers"]] + [f"03_teacher_kv-{t}" for t in study["teachers"]]
     expected += [f"05_train-{r}" for r in runs]
     executed = {p.stem for p in (WORKDIR / "reports" / "notebooks").glob("*.ipynb")}
@@ -48,6 +48,15 @@ def test_metrics_cover_every_group_and_seed(smoke):
     assert stats["n_examples"] == smoke["data"]["sizes"]["test"]
     predictions = (WORKDIR / "reports" / "evaluation" / "predictions.jsonl").read_text().splitlines()
     assert len(predictions) == len(accuracy) * len(study["seeds"]) * stats["n_examples"]
+
+
+def test_benchmarks_report_every_ratio(smoke):
+    results = json.loads((WORKDIR / "reports" / "benchmarks.json").read_text())
+    assert results["config"] == {**results["config"], **smoke["benchmarks"]["config"]}
+    assert set(results["ratios"]) >= {"kv_store_vs_ce", "online_vs_store", "alignment_share", "rkv_speedup"}
+    assert {"store_fp16_vs_dense_fp32", "store_budget_vs_dense_fp32"} <= set(results["ratios"])
+    assert results["ratios"]["rkv_speedup"]["identical_slots"] == 1.0
+    assert all(r["value"] > 0 for r in results["ratios"].values() if not isinstance(r["value"], dict))
 
 
 def test_report_states_the_plan_and_shows_the_figures(smoke):

@@ -1,0 +1,51 @@
+"""The benchmarks' own parts: the per-token R-KV reference, the memory probe and the configuration.
+(The whole suite runs as the smoke pipeline's `benchmarks` stage, tests/test_pipeline_dvc.py.)"""
+
+import sys
+
+import pytest
+import torch
+from tiny import tiny
+
+from kvlib.benchmark import BenchConfig, peak_bytes, rkv_select_loop
+from kvlib.data import generate
+from kvlib.teacher_kv import rkv_select, run_teacher, segment_masks
+from kvlib.text import train_tokenizer
+
+
+@pytest.mark.parametrize("budget", [5, 150])  # fewer slots than eligible keys, and more than some examples have
+def test_the_per_token_reference_selects_what_the_vectorised_rkv_selects(budget):
+    examples = generate(5, seed=2, max_operand=9)
+    tok = train_tokenizer("char", [e.text for e in examples])
+    teacher = tiny("qwen2", num_layers=3, vocab_size=len(tok)).eval()  # 6 query heads over 2 KV heads
+    enc, kv, attn = run_teacher(teacher, tok, examples, attention=True)
+    observers, eligible = segment_masks(enc["segment_bounds"], enc["attention_mask"])
+    assert (eligible.sum(1) > 5).all() and (eligible.sum(1) < 150).any() and observers.any(1).all()
+    keys = [k for k, _ in kv]
+    positions, kept = rkv_select(attn, keys, observers, eligible, budget)
+    ref_positions, ref_kept = rkv_select_loop(attn, keys, observers, eligible, budget)
+    assert torch.equal(kept, ref_kept)
+    assert torch.equal(positions, ref_positions)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CPU probe reads Linux /proc")
+def test_the_cpu_memory_probe_sees_a_temporary_tensor():
+    size = 64 * 2**20
+    seen = peak_bytes(lambda: torch.ones(size // 4).sum(), torch.device("cpu"))
+    assert 0.9 * size < seen < 1.3 * size
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"student": "gpt-5"}, r"no real shapes \['gpt-5'\]"),
+        ({"teachers": {}}, "at least one real shape"),
+        ({"examples": 2, "batch_size": 4}, r"examples \(2\) must be at least one batch \(4\)"),
+        ({"device": "tpu"}, "device must be"),
+        ({"kv": {"wieght": 0.1}}, "wieght"),
+        ({"repeats": 0}, "repeats must be > 0"),
+    ],
+)
+def test_bad_benchmark_settings_are_named(bad, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        BenchConfig(**bad)
