@@ -8,7 +8,7 @@
    at most 0.10);
 4. ``rkv_speedup``: R-KV slot selection as ``extract_store`` does it (``teacher_kv.rkv_select``) vs
    ``rkv_select_loop``, the same rule written token by token (target: at least 50), on the same teacher
-   attention, with the share of identical selections;
+   attention over reasoning traces of ``rkv_tokens`` tokens, with the share of identical selections;
 5. ``store_bytes``: bytes per teacher token of each teacher's store in fp16, and with an R-KV budget, vs the
    same cache dense in fp32;
 6. ``peak_memory``: peak memory of a KV-distillation step (store, online) vs a CE-only step, above what the
@@ -19,9 +19,10 @@ weights, with the layer counts of the params (fewer than the real ones where CPU
 it); each model has its own BPE tokenizer trained on the generated problems, so time alignment is real.
 A training step is what ``kvlib.train`` does per micro-batch: collate (encode; read the store or run the
 teachers), move to the device, forward, backward, clip, AdamW step. Timed variants run interleaved, one
-round after another after a warm-up round, and their medians are reported, so that a slow moment of a
-shared machine hits them alike; on a GPU each timed region ends with a synchronize, the student trains
-under bf16 autocast (as ``accelerate`` mixed precision does) and the teachers run in bf16.
+round after another after a warm-up round, each round starting with another variant; a ratio is the
+median over rounds of the ratio within a round, so that a slow moment of a shared machine hits both
+sides alike. On a GPU each timed region ends with a synchronize, the student trains under bf16
+autocast (as ``accelerate`` mixed precision does) and the teachers run in bf16.
 Peak memory on a GPU is torch's peak allocated bytes; on a CPU the peak resident set (Linux ``VmHWM``,
 reset through ``/proc/self/clear_refs``) above the resident set before the step, measured after all
 timings with glibc's mmap threshold pinned at 64 KiB so that freed tensors go back to the system.
@@ -47,11 +48,12 @@ from kvlib.config import KVConfig, _positive, from_dict
 from kvlib.data import TASKS, generate
 from kvlib.distill import Distiller, TeacherAligner, collate_fn
 from kvlib.fusion import make_fusion
-from kvlib.hf import forward_with_kv, kv_spec
+from kvlib.hf import extract_kv_and_attention, forward_with_kv, kv_spec
 from kvlib.layers import layer_map
 from kvlib.models import REAL_SHAPES, build_model, real_config
-from kvlib.teacher_kv import extract_store, online_batch, rkv_select, run_teacher, segment_masks
-from kvlib.text import train_tokenizer
+from kvlib.rope import unrotate_keys
+from kvlib.teacher_kv import extract_store, online_batch, rkv_select
+from kvlib.text import encode_batch, train_tokenizer
 
 TARGETS = {"kv_store_vs_ce": ("<=", 1.15), "alignment_share": ("<=", 0.10), "rkv_speedup": (">=", 50.0)}
 
@@ -69,7 +71,10 @@ class BenchConfig:
     repeats: int = 5  # timed rounds after the warm-up round
     kv: dict = field(default_factory=lambda: {"weight": 0.1})  # KVConfig of the distillation step
     fusion: str = "router"  # kvlib.fusion kind, for several teachers
-    budget: int = 32  # R-KV slots per (example, KV head) of the compressed stores
+    budget: int = 32  # R-KV slots per (example, KV head) of the compressed stores and of the R-KV benchmark
+    rkv_traces: int = 4  # reasoning traces R-KV is timed on (generated problems joined, then cut) ...
+    rkv_tokens: int = 512  # ... to this many tokens
+    rkv_window: int = 32  # R-KV's observation window: the last tokens, whose attention decides importance
     device: str = "auto"  # "auto" = cuda when available, else cpu
     seed: int = 0
 
@@ -79,9 +84,24 @@ class BenchConfig:
             raise ValueError(f"no real shapes {unknown}; known: {sorted(REAL_SHAPES)}")
         if not self.teachers:
             raise ValueError("teachers must name at least one real shape with its layer count")
-        _positive(self, "student_layers", "examples", "batch_size", "repeats", "budget")
-        if self.examples < self.batch_size:
-            raise ValueError(f"examples ({self.examples}) must be at least one batch ({self.batch_size})")
+        _positive(
+            self,
+            "student_layers",
+            "examples",
+            "batch_size",
+            "repeats",
+            "budget",
+            "rkv_traces",
+            "rkv_tokens",
+            "rkv_window",
+        )
+        if self.rkv_window >= self.rkv_tokens:
+            raise ValueError(f"rkv_window ({self.rkv_window}) must be shorter than rkv_tokens ({self.rkv_tokens})")
+        if self.examples < max(self.batch_size, self.rkv_traces):
+            raise ValueError(
+                f"examples ({self.examples}) must be at least one batch ({self.batch_size}) and one problem per "
+                f"R-KV trace ({self.rkv_traces})"
+            )
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         KVConfig(**self.kv)
@@ -259,42 +279,55 @@ class _Bench:
 
 
 def _step_times(bench: _Bench) -> dict:
-    """Median seconds per variant over ``repeats`` interleaved rounds (after one warm-up round)."""
+    """Seconds per variant in each of ``repeats`` interleaved rounds (after one warm-up round), their medians,
+    student tokens per second, and the paired ratios: per round, then the median over rounds."""
     times: dict[str, list[float]] = {}
+    tokens = []
     for round_ in range(bench.cfg.repeats + 1):
         indices = bench.batch(round_)
-        runs = bench.variants(indices) | {"alignment": bench.alignment(indices)}
-        for name, run in runs.items():
+        runs = list((bench.variants(indices) | {"alignment": bench.alignment(indices)}).items())
+        for name, run in runs[round_ % len(runs) :] + runs[: round_ % len(runs)]:  # each round starts elsewhere
             seconds = _timed(run, bench.device)
             if round_:
                 times.setdefault(name, []).append(seconds)
-    tokens = [int(bench.collate_ce(bench.batch(r))["attention_mask"].sum()) for r in range(1, bench.cfg.repeats + 1)]
+        if round_:
+            tokens.append(int(bench.collate_ce(indices)["attention_mask"].sum()))
     out = {name: {"median": statistics.median(t), "all": [round(x, 5) for x in t]} for name, t in times.items()}
     for name in ("ce", "kv_store", "kv_online"):
         out[name]["tokens_per_second"] = statistics.median(n / t for n, t in zip(tokens, times[name]))
+    pairs = {"kv_store_vs_ce": ("kv_store", "ce"), "online_vs_store": ("kv_online", "kv_store")}
+    pairs["alignment_share"] = ("alignment", "kv_store")
+    out["paired"] = {name: [a / b for a, b in zip(times[num], times[den])] for name, (num, den) in pairs.items()}
     return out
 
 
 def _rkv(bench: _Bench) -> dict:
-    """The vectorised R-KV selection vs the per-token loop on one batch of the first teacher's attention."""
+    """The vectorised R-KV selection vs the per-token loop on the first teacher's attention over ``rkv_traces``
+    reasoning traces of ``rkv_tokens`` tokens (generated problems joined), the last ``rkv_window`` observing."""
+    cfg, cpu = bench.cfg, torch.device("cpu")
     model, tok = bench.teachers[0]
-    chunk = bench.examples[: bench.cfg.batch_size]
-    enc, kv, attn = run_teacher(model, tok, chunk, pre_rope=True, attention=True)
-    attn = [a.float().cpu() for a in attn]  # extract_store scores on the CPU
-    keys = [k.float().cpu() for k, _ in kv]
-    observers, eligible = segment_masks(enc["segment_bounds"], enc["attention_mask"])
-    args = (attn, keys, observers, eligible, bench.cfg.budget)
-    cpu = torch.device("cpu")
-    fast = [_timed(lambda: rkv_select(*args), cpu) for _ in range(bench.cfg.repeats + 1)][1:]
+    texts = ["\n\n".join(e.text for e in bench.examples[i :: cfg.rkv_traces]) for i in range(cfg.rkv_traces)]
+    enc = encode_batch(tok, texts)
+    ids, mask = enc["input_ids"][:, : cfg.rkv_tokens], enc["attention_mask"][:, : cfg.rkv_tokens]
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        kv, attn = extract_kv_and_attention(model, ids.to(device), mask.to(device))
+    positions = torch.arange(ids.shape[1], device=device)
+    keys = [unrotate_keys(k, positions, model.config).float().cpu() for k, _ in kv]  # as extract_store scores them
+    attn = [a.float().cpu() for a in attn]
+    t, length = torch.arange(ids.shape[1])[None], mask.sum(1, keepdim=True)  # (1, T), (B, 1)
+    observers, eligible = (t >= length - cfg.rkv_window) & (t < length), t < length - cfg.rkv_window
+    args = (attn, keys, observers, eligible, cfg.budget)
+    fast = [_timed(lambda: rkv_select(*args), cpu) for _ in range(cfg.repeats + 1)][1:]
     slow = [_timed(lambda: rkv_select_loop(*args), cpu) for _ in range(2)]
     (p1, k1), (p2, k2) = rkv_select(*args), rkv_select_loop(*args)
-    agreement = float(((p1 == p2) & (k1 == k2)).float().mean())
     return {
         "vectorised_seconds": statistics.median(fast),
         "loop_seconds": statistics.median(slow),
         "value": statistics.median(slow) / statistics.median(fast),
-        "identical_slots": agreement,
+        "identical_slots": float(((p1 == p2) & (k1 == k2)).float().mean()),
         "shape": {"layers": len(attn), "attn": list(attn[0].shape), "keys": list(keys[0].shape)},
+        "eligible_tokens": eligible.sum(1).tolist(),
     }
 
 
@@ -373,10 +406,8 @@ def run_benchmarks(params: dict, workdir: str | Path | None = None) -> dict:
         stores = _store_bytes(bench)
         memory = _peak_memory(bench)
     specs = {name: vars(kv_spec(model.config)) for name, (model, _) in zip(cfg.teachers, bench.teachers)}
-    ratios = {
-        "kv_store_vs_ce": _verdict("kv_store_vs_ce", steps["kv_store"]["median"] / steps["ce"]["median"]),
-        "online_vs_store": _verdict("online_vs_store", steps["kv_online"]["median"] / steps["kv_store"]["median"]),
-        "alignment_share": _verdict("alignment_share", steps["alignment"]["median"] / steps["kv_store"]["median"]),
+    ratios = {name: _verdict(name, statistics.median(per_round)) for name, per_round in steps["paired"].items()}
+    ratios |= {
         "rkv_speedup": _verdict("rkv_speedup", rkv["value"]) | {"identical_slots": rkv["identical_slots"]},
         "store_fp16_vs_dense_fp32": {"value": {n: s["fp16_ratio"] for n, s in stores.items()}},
         "store_budget_vs_dense_fp32": {"value": {n: s["budget_ratio"] for n, s in stores.items()}},

@@ -5,13 +5,14 @@ compressed by R-KV's rule (https://arxiv.org/abs/2505.24133): per (layer, KV hea
 position gets the score ``S = lam * I + (1 - lam) * R`` (``lam = 0.1``), and the top ``M`` are kept.
 
 - ``importance`` ``I``: the attention mass that the observer queries (e.g. the answer tokens) put on
-  each key. The mass is summed over the observer queries of each query head, then the ``Hq / H``
+  each key. The mass is summed over the observer queries of each query head (only their rows of the
+  attention are read, ``O(Q T)`` per head for ``Q`` observers), then the ``Hq / H``
   query heads that share a KV head (GQA: query head ``j`` reads KV head ``j // (Hq / H)``) are
   max-pooled, and the result is normalised to sum to 1 over the eligible keys (all zeros when the
   observers put no mass on them, e.g. an example without observers).
 - ``redundancy`` ``R``: softmax over the eligible keys of the *negated* mean cosine similarity of a
-  key to the other eligible keys: a key that looks like the rest is redundant and scores low. It
-  costs a ``(B, H, T, T)`` similarity tensor.
+  key to the other eligible keys: a key that looks like the rest is redundant and scores low. The
+  mean comes from the sum of the eligible unit keys, in ``O(T D)`` per head rather than ``O(T^2 D)``.
 - ``select_slots`` keeps the top-``M`` eligible positions and returns them in time order, with a
   ``kept`` flag for the padding of examples that have fewer than ``M`` eligible keys;
   ``crop_slots`` keeps the ``M`` most recent eligible keys instead (the simple baseline);
@@ -54,8 +55,15 @@ def importance(attn: Tensor, query_mask: Tensor, key_mask: Tensor, num_kv_heads:
         )
     observer = _check_mask(query_mask, B, T, "query_mask")
     eligible = _check_mask(key_mask, B, T, "key_mask")
-    # masked_fill, not a product: rows of padded queries can hold NaN
-    mass = attn.float().masked_fill(~observer[:, None, :, None], 0).sum(2)  # (B, Hq, T)
+    # only the observer rows are read: (B, Q, Hq, T), Q = the most observers of any example
+    counts = observer.sum(1)  # (B,)
+    Q = max(int(counts.max()), 1)
+    rows = observer.float().argsort(dim=1, descending=True, stable=True)[:, :Q]  # (B, Q): observers first
+    real = torch.arange(Q, device=attn.device)[None] < counts[:, None]  # (B, Q)
+    rows = torch.where(real, rows, rows[:, :1])  # spare slots repeat the first observer: no padded query's row
+    picked = attn.transpose(1, 2)[torch.arange(B, device=attn.device)[:, None], rows].float()  # (B, Q, Hq, T)
+    mass = torch.einsum("bq,bqht->bht", real.float(), picked)  # (B, Hq, T)
+    mass = mass.masked_fill((counts == 0)[:, None, None], 0)  # no observers: no mass, whatever row 0 holds
     mass = mass.view(B, num_kv_heads, Hq // num_kv_heads, T).amax(2)  # (B, H, T)
     mass = mass.masked_fill(~eligible[:, None], 0)
     return mass / mass.sum(-1, keepdim=True).clamp(min=1e-12)
@@ -65,16 +73,20 @@ def redundancy(keys: Tensor, key_mask: Tensor) -> Tensor:
     """``(B, H, T)`` softmax over eligible keys of minus each key's mean cosine similarity to the others.
 
     keys: (B, H, T, D); key_mask: (B, T) True on the eligible keys. Ineligible keys score 0 and do not
-    enter the other keys' means; a lone eligible key scores 1.
+    enter the other keys' means; a lone eligible key scores 1. A key's summed similarity to the
+    eligible keys is its dot product with their summed unit vectors, so no (T, T) matrix is formed.
     """
     if keys.dim() != 4:
         raise ValueError(f"keys must be (B, H, T, D), got shape {tuple(keys.shape)}")
     B, H, T, _ = keys.shape
     eligible = _check_mask(key_mask, B, T, "key_mask")
-    unit = F.normalize(keys.float(), dim=-1)  # (B, H, T, D)
-    sim = unit @ unit.transpose(-1, -2)  # (B, H, T, T)
-    others = eligible[:, None, None, :] & ~torch.eye(T, dtype=torch.bool, device=keys.device)  # (B, 1, T, T)
-    mean_sim = sim.masked_fill(~others, 0).sum(-1) / others.sum(-1).clamp(min=1)  # (B, H, T)
+    norm = keys.float().norm(dim=-1)  # (B, H, T)
+    unit = keys.float() / norm.clamp(min=1e-12)[..., None]  # (B, H, T, D), as F.normalize
+    self_sim = (norm / norm.clamp(min=1e-12)) ** 2  # (B, H, T): 1, or 0 for an all-zero key
+    mine = eligible[:, None, :].float()  # (B, 1, T)
+    total = torch.einsum("bt,bhtd->bhd", eligible.float(), unit)  # the eligible unit keys summed
+    summed = torch.einsum("bhtd,bhd->bht", unit, total) - mine * self_sim  # (B, H, T): similarity to the others
+    mean_sim = summed / (eligible.sum(-1)[:, None, None] - mine).clamp(min=1)
     logits = (-mean_sim).masked_fill(~eligible[:, None], float("-inf"))
     return torch.softmax(logits, dim=-1).masked_fill(~eligible[:, None], 0)  # examples with no eligible key: 0
 

@@ -41,6 +41,8 @@ def test_the_cpu_memory_probe_sees_a_temporary_tensor():
         ({"student": "gpt-5"}, r"no real shapes \['gpt-5'\]"),
         ({"teachers": {}}, "at least one real shape"),
         ({"examples": 2, "batch_size": 4}, r"examples \(2\) must be at least one batch \(4\)"),
+        ({"examples": 8, "batch_size": 4, "rkv_traces": 9}, r"one problem per R-KV trace \(9\)"),
+        ({"rkv_tokens": 32, "rkv_window": 32}, "must be shorter than rkv_tokens"),
         ({"device": "tpu"}, "device must be"),
         ({"kv": {"wieght": 0.1}}, "wieght"),
         ({"repeats": 0}, "repeats must be > 0"),

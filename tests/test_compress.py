@@ -63,6 +63,22 @@ def test_importance_of_a_real_gqa_model_is_a_distribution_over_eligible_keys():
     assert (i[..., ~key_mask] == 0).all() and (i[..., key_mask] > 0).all()
 
 
+def test_importance_reads_only_observer_rows_and_equals_the_dense_sum():
+    g = torch.Generator().manual_seed(1)
+    attn = torch.softmax(torch.randn(3, 6, 10, 10, generator=g), dim=-1)
+    observers = torch.rand(3, 10, generator=g) > 0.6
+    observers[2] = False  # an example without observers
+    attn[0, :, ~observers[0]] = float("nan")  # rows nobody observes (e.g. padded queries) never reach the result
+    attn[2] = float("nan")
+    keys = torch.rand(3, 10, generator=g) > 0.2
+    dense = torch.nan_to_num(attn).masked_fill(~observers[:, None, :, None], 0).sum(2)  # (B, Hq, T)
+    dense = dense.view(3, 2, 3, 10).amax(2).masked_fill(~keys[:, None], 0)
+    expected = dense / dense.sum(-1, keepdim=True).clamp(min=1e-12)
+    got = importance(attn, observers, keys, num_kv_heads=2)
+    torch.testing.assert_close(got, expected)
+    assert (got[2] == 0).all()
+
+
 # redundancy
 
 
@@ -73,6 +89,19 @@ def test_redundancy_matches_a_hand_computed_case_and_ignores_ineligible_keys():
     z = 2 * math.exp(-0.5) + 1
     expected = torch.tensor([[[math.exp(-0.5) / z, math.exp(-0.5) / z, 1 / z, 0.0]]])
     torch.testing.assert_close(redundancy(keys, key_mask), expected)
+
+
+def test_redundancy_equals_the_pairwise_mean_similarity_it_avoids_forming():
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(3, 2, 11, 8, generator=g)
+    keys[1, :, 4] = 0  # an all-zero key has no direction
+    mask = torch.rand(3, 11, generator=g) > 0.3
+    unit = torch.nn.functional.normalize(keys, dim=-1)
+    sim = unit @ unit.transpose(-1, -2)  # (B, H, T, T)
+    others = mask[:, None, None, :] & ~torch.eye(11, dtype=torch.bool)
+    mean_sim = sim.masked_fill(~others, 0).sum(-1) / others.sum(-1).clamp(min=1)
+    expected = torch.softmax((-mean_sim).masked_fill(~mask[:, None], float("-inf")), -1).masked_fill(~mask[:, None], 0)
+    torch.testing.assert_close(redundancy(keys, mask), expected)
 
 
 def test_a_duplicated_key_is_less_valuable_than_a_unique_one():
