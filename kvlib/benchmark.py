@@ -406,7 +406,8 @@ def run_benchmarks(params: dict, workdir: str | Path | None = None) -> dict:
         stores = _store_bytes(bench)
         memory = _peak_memory(bench)
     specs = {name: vars(kv_spec(model.config)) for name, (model, _) in zip(cfg.teachers, bench.teachers)}
-    ratios = {name: _verdict(name, statistics.median(per_round)) for name, per_round in steps["paired"].items()}
+    paired = steps.pop("paired")
+    ratios = {name: _verdict(name, statistics.median(per_round)) for name, per_round in paired.items()}
     ratios |= {
         "rkv_speedup": _verdict("rkv_speedup", rkv["value"]) | {"identical_slots": rkv["identical_slots"]},
         "store_fp16_vs_dense_fp32": {"value": {n: s["fp16_ratio"] for n, s in stores.items()}},
@@ -428,6 +429,7 @@ def run_benchmarks(params: dict, workdir: str | Path | None = None) -> dict:
         "setup_seconds": round(setup_seconds, 1),
         "ratios": ratios,
         "step_seconds": steps,
+        "paired_ratios": paired,
         "rkv": rkv,
         "store_bytes": stores,
         "peak_memory": memory,
