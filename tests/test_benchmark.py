@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny import tiny
 
-from kvlib.benchmark import BenchConfig, peak_bytes, rkv_select_loop
+from kvlib.benchmark import BenchConfig, peak_bytes, rkv_select_loop, run_benchmarks
 from kvlib.data import generate
 from kvlib.teacher_kv import rkv_select, run_teacher, segment_masks
 from kvlib.text import train_tokenizer
@@ -51,3 +51,9 @@ def test_the_cpu_memory_probe_sees_a_temporary_tensor():
 def test_bad_benchmark_settings_are_named(bad, message):
     with pytest.raises((ValueError, TypeError), match=message):
         BenchConfig(**bad)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gives")
+def test_asking_for_a_gpu_without_one_is_named(tmp_path):
+    with pytest.raises(ValueError, match="device 'cuda' was asked for but torch sees no GPU"):
+        run_benchmarks({"device": "cuda"}, tmp_path)

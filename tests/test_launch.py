@@ -134,13 +134,14 @@ def test_two_launched_processes_train_one_routed_student(stage, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_CPU", "1")  # REFERENCE.md: CPU data parallelism via torchrun
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torchrun = f"{shlex.quote(sys.executable)} -m torch.distributed.run --nproc_per_node 2"
-    summary = run_train(stage | {"launch": torchrun}, "R", 3, progress=False)
+    student = stage["student"] | {"train": TRAIN | {"share_every": 1}}  # gradient shares under DDP too
+    summary = run_train(stage | {"launch": torchrun, "student": student}, "R", 3, progress=False)
     assert summary["finished"] and summary["seed"] == 3
     assert summary["examples_per_step"] == 2 * TRAIN["batch_size"]  # per process x processes
     out = project_root() / stage["out_root"] / "R-3"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]  # one writer
-    assert all({"ce", "kv", "entropy", "fusion_weights"} <= set(r) for r in rows)
+    assert all({"ce", "kv", "entropy", "fusion_weights", "grad_share"} <= set(r) for r in rows)
     student = load_model(out / "model")
     assert student.config.num_hidden_layers == SHAPE["num_layers"]
     assert sorted(os.listdir(out)) == ["checkpoint", "metrics.jsonl", "model", "summary.json", "tokenizer"]
