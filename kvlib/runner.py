@@ -13,9 +13,10 @@ without Jupyter are written to ``reports/notebooks/`` (named after the stage and
 values). The kernel runs in the project root.
 
 ``pipeline`` runs the whole DVC pipeline on another params file in a separate working folder (a copy
-of ``dvc.yaml``, the notebooks and ``kvlib`` with that file as ``params/default.yaml``), so that a
-smoke run or a real-model run never touches the default study's ``reports/``. Its notebooks import
-the copied ``kvlib`` (the kernel runs in the folder), the code its ``dvc.lock`` records.
+of ``dvc.yaml``, the notebooks, ``kvlib`` and ``params/accelerate`` with that file as
+``params/default.yaml``), so that a smoke run or a real-model run never touches the default study's
+``reports/``. Its notebooks import the copied ``kvlib`` (the kernel runs in the folder), the code its
+``dvc.lock`` records.
 """
 
 from __future__ import annotations
@@ -101,6 +102,8 @@ def run_pipeline(params_file: str | Path, workdir: str | Path) -> Path:
     shutil.copy(root / "dvc.yaml", workdir / "dvc.yaml")
     shutil.copy(root / ".dvcignore", workdir / ".dvcignore")
     shutil.copy(params_file, workdir / "params" / "default.yaml")
+    shutil.rmtree(workdir / "params" / "accelerate", ignore_errors=True)  # launchers the params may name
+    shutil.copytree(root / "params" / "accelerate", workdir / "params" / "accelerate")
     for folder in ("notebooks", "kvlib"):
         shutil.rmtree(workdir / folder, ignore_errors=True)
         shutil.copytree(root / folder, workdir / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))

@@ -35,6 +35,7 @@ def test_every_stage_ran_and_left_its_executed_notebook(smoke):
     executed = {p.stem for p in (WORKDIR / "reports" / "notebooks").glob("*.ipynb")}
     assert executed == set(expected)
     assert all((WORKDIR / "reports" / "notebooks" / f"{name}.html").exists() for name in expected)
+    assert (WORKDIR / "params" / "accelerate" / "multi_gpu.yaml").exists()  # what a `train.launch` may name
 
 
 def test_metrics_cover_every_group_and_seed(smoke):
