@@ -5,14 +5,15 @@ random weights, fewer layers so that CPU memory suffices): Qwen2.5-1.5B -> Qwen2
 import pytest
 import torch
 
-from kvlib.config import KVConfig
+from kvlib.config import KVConfig, TrainConfig
 from kvlib.data import SEGMENTS, generate
-from kvlib.distill import Distiller, TeacherAligner
+from kvlib.distill import Distiller, TeacherAligner, collate_fn
 from kvlib.hf import kv_spec
 from kvlib.layers import layer_map
-from kvlib.models import REAL_SHAPES, build_model, real_config
+from kvlib.models import REAL_SHAPES, build_model, load_model, real_config
 from kvlib.teacher_kv import online_batch
 from kvlib.text import encode_batch, train_tokenizer
+from kvlib.train import train
 
 
 @pytest.mark.parametrize(
@@ -48,3 +49,15 @@ def test_real_configs_have_the_published_attention_layout(name):
     assert kv_spec(real_config(name, 2, 300)).num_layers == 2
     with pytest.raises(ValueError, match="num_layers must lie in"):
         real_config(name, layers + 1)
+
+
+def test_a_tied_embedding_student_is_saved_and_reloaded_whole(tmp_path):
+    examples = generate(8, seed=0, max_operand=9)
+    tok = train_tokenizer("char", [e.text for e in examples])
+    student = build_model(real_config("qwen2.5-0.5b", 1, len(tok)), seed=0)  # ties its output to the embedding
+    cfg = TrainConfig(steps=2, batch_size=4, warmup_steps=1, share_every=0)
+    train(Distiller(student), collate_fn(tok, examples), len(examples), cfg, tmp_path, progress=False)
+    reloaded = load_model(tmp_path / "model")
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    ids = torch.randint(0, len(tok), (2, 12))
+    torch.testing.assert_close(reloaded(ids).logits, student.eval()(ids).logits)
