@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -71,6 +71,16 @@ def _save_checkpoint(accelerator: Accelerator, folder: Path, state: dict) -> Non
     accelerator.wait_for_everyone()
 
 
+def check_validation(distributed_type: DistributedType, validating: bool) -> None:
+    """Validation generates with the student on the main process alone, which FSDP cannot do: its sharded
+    parameters are gathered only when every process runs the wrapped model together."""
+    if validating and distributed_type == DistributedType.FSDP:
+        raise ValueError(
+            "validation during training (eval_every > 0) is not supported under FSDP; set eval_every: 0 in the "
+            "student's train section (the evaluate stage measures accuracy after training)"
+        )
+
+
 def _mean_over_processes(accelerator: Accelerator, sums: dict[str, float], count: int) -> dict[str, float]:
     """Each logged term's mean over the ``count`` micro-batches of every process (all processes call this)."""
     names = sorted(sums)
@@ -105,6 +115,7 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     mixed = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if torch.cuda.is_available() else "no")
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mixed)
+    check_validation(accelerator.distributed_type, validate is not None and cfg.eval_every > 0)
     set_seed(cfg.seed)
     decay = [p for n, p in distiller.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in distiller.named_parameters() if p.dim() < 2]

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from accelerate.utils import DistributedType
 
 from kvlib.config import KVConfig, ModelShape, TrainConfig
 from kvlib.data import generate
@@ -16,7 +17,7 @@ from kvlib.layers import layer_map
 from kvlib.rope import unrotate_keys
 from kvlib.teacher_kv import extract_store, online_batch
 from kvlib.text import encode_batch, train_tokenizer
-from kvlib.train import train
+from kvlib.train import check_validation, train
 
 FAST = dict(batch_size=4, lr=3e-3, warmup_steps=2, log_every=1, save_every=2, share_every=2)
 
@@ -336,3 +337,10 @@ def test_accuracy_counts_exact_answers(setup):
     assert accuracy(student(tok_s), tok_s, examples[:4], max_new_tokens=4) == 0.0
     with pytest.raises(ValueError, match="accuracy needs at least one example"):
         accuracy(student(tok_s), tok_s, [], max_new_tokens=4)
+
+
+def test_validation_under_fsdp_is_refused_with_the_fix():
+    check_validation(DistributedType.MULTI_GPU, True)
+    check_validation(DistributedType.FSDP, False)
+    with pytest.raises(ValueError, match="not supported under FSDP; set eval_every: 0"):
+        check_validation(DistributedType.FSDP, True)
