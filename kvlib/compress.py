@@ -1,8 +1,36 @@
-"""Compression of a KV cache to a budget of ``M`` slots per (example, KV head): R-KV-style eviction.
+"""Compression of a KV cache to a budget of ``M`` slots per (example, KV head): importance + redundancy eviction.
 
 KaVa (Kuzina et al., https://arxiv.org/abs/2510.02312) distils a teacher's chain-of-thought KV cache
-compressed by R-KV's rule (https://arxiv.org/abs/2505.24133): per (layer, KV head) every eligible key
-position gets the score ``S = lam * I + (1 - lam) * R`` (``lam = 0.1``), and the top ``M`` are kept.
+compressed with an importance + redundancy rule that it describes after R-KV
+(https://arxiv.org/abs/2505.24133): every eligible key position gets the score
+``S = lam * I + (1 - lam) * R`` (``lam = 0.1``), and the top ``M`` are kept. This module implements that
+rule **as KaVa's paper writes it** (``kava_scores``), which is *not* R-KV as its authors' code computes it
+(Zefan-Cai/R-KV, ``rkv/utils.py`` and ``rkv/compression/r1_kv.py``). The differences, so that nobody
+compares this rule with published R-KV numbers as if it were R-KV:
+
+==============================  ======================================  =========================================
+                                here (KaVa's description)               R-KV's code
+==============================  ======================================  =========================================
+observers                       the answer tokens (any query mask)      the last ``window_size`` (8) queries
+attention normalised over       all keys the model attends to           only the keys before the window
+                                (the model's own softmax)               (softmax over the sliced logits)
+observer rows combined by       sum, then normalised over eligible      mean over the window
+GQA query groups pooled         max over the group's probabilities      max over the group's logits, before
+                                                                        the softmax
+smoothing along time            none                                    max-pool with kernel 7
+redundancy                      softmax of minus each key's mean        mean cosine similarity over the rows
+                                cosine similarity to the other          after zeroing each key's most recent
+                                eligible keys; ``+ (1 - lam) R``         near-duplicate (> 0.5), softmaxed, and
+                                                                        *subtracted*: ``- (1 - lam) R``
+lam                             0.1 (KaVa)                              0.07 (mix_lambda default)
+recent tokens                   not protected                           the window is always kept
+selection                       per (example, KV head); the store       per layer and head, during decoding
+                                averages the scores over layers, so
+                                one selection serves every layer
+                                (``teacher_kv.kava_select``)
+==============================  ======================================  =========================================
+
+The parts:
 
 - ``importance`` ``I``: the attention mass that the observer queries (e.g. the answer tokens) put on
   each key. The mass is summed over the observer queries of each query head (only their rows of the
@@ -92,7 +120,7 @@ def redundancy(keys: Tensor, key_mask: Tensor) -> Tensor:
 
 
 def rkv_scores(attn: Tensor, keys: Tensor, query_mask: Tensor, key_mask: Tensor, lam: float = 0.1) -> Tensor:
-    """R-KV score ``lam * importance + (1 - lam) * redundancy``, (B, H, T), for keys (B, H, T, D)."""
+    """KaVa's score ``lam * importance + (1 - lam) * redundancy``, (B, H, T), for keys (B, H, T, D)."""
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam weighs importance against redundancy and must lie in [0, 1], got {lam}")
     i = importance(attn, query_mask, key_mask, keys.shape[1])

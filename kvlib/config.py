@@ -1,30 +1,172 @@
-"""Frozen, self-validating configs for models, training and KV distillation, built from params sections.
+"""Frozen, self-validating configs for models, training and KV distillation, built from params sections,
+and the loading and cross-checking of the params files themselves.
 
 ``from_dict`` rejects unknown keys with the list of valid ones (an airtight config: every key is
-used); ``__post_init__`` checks ranges and choices. Model facts (KV heads, head dims) are never
+used), builds nested configs from nested mappings, and checks every given value against its field's
+annotation (``check_type``): an ``int`` field takes integers but not booleans, a ``float`` field finite
+integers or floats, a ``bool`` field only ``true``/``false`` (YAML's ``'no'`` is a string), a ``list[str]``
+a list (``AB`` is not ``[A, B]``); the error names the config, the key, the value and the type wanted.
+``__post_init__`` then checks ranges and choices. Model facts (KV heads, head dims) are never
 configured here: they are read from each model's config by ``kvlib.hf.kv_spec``.
+
+``load_params`` reads a params file as YAML 1.1 with one change: a number in exponent notation that
+YAML 1.1 reads as a string (``3e-4``, ``1E5``: no dot; ``1.5e5``: no sign after the ``e``) is the float
+it means. The file must be a mapping of sections (mappings) plus the top-level ``OPTIONS`` (booleans).
+``check_study`` checks the ``study`` section, which dvc.yaml's generated stages iterate over, against
+the sections that must agree with it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import re
+import types
+import typing
 from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
 
 from kvlib.fusion import KINDS as FUSIONS
+from kvlib.fusion import check_fixed_weights
 from kvlib.layers import KINDS as LAYER_MAPS
 from kvlib.losses import KINDS as KV_LOSSES
 from kvlib.models import FAMILIES, build_model, model_config
 from kvlib.projectors import KINDS as PROJECTORS
 from kvlib.resample import ALIGNMENTS
 
+OPTIONS = ("allow_outside_project",)  # top-level booleans of a params file, not sections (see kvlib.runner)
+STUDY_KEYS = ("teachers", "control", "groups", "seeds")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a teacher or group name: it names folders and notebooks
+NAMES = {bool: "a bool (true/false)", int: "an integer", float: "a finite number", str: "a string", dict: "a mapping"}
+PLURALS = {int: "integers", float: "finite numbers", str: "strings"}  # the items of list[...] fields
+
+
+class ParamsLoader(yaml.SafeLoader):
+    """YAML 1.1 (PyYAML's safe loader) that also reads ``3e-4``, ``1E5``, ``-2e-3``, ``1.5e5`` as floats."""
+
+
+ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, where: str):
+    """``text`` parsed by ``ParamsLoader``; a syntax error is a ValueError naming ``where`` and the line."""
+    try:
+        return yaml.load(text, ParamsLoader)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{where} is not valid YAML; fix it there: {e}") from e
+
+
+def load_params(path: str | Path) -> dict:
+    """A params file: a mapping of sections, each a mapping, plus boolean ``OPTIONS``.
+
+    Errors (ValueError) name the file and the line: a YAML syntax error, a file that is not a mapping, a
+    key given twice (YAML keeps the last silently), a section that is not a mapping, an option that is not
+    ``true``/``false``."""
+    with open(path, encoding="utf-8") as stream:  # YAML's errors then name the file
+        loader = ParamsLoader(stream)
+        try:
+            node = loader.get_single_node()
+            params = None if node is None else loader.construct_document(node)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path} is not valid YAML; fix it there: {e}") from e
+        finally:
+            loader.dispose()
+    if not isinstance(params, dict):
+        line = 1 if node is None else node.start_mark.line + 1
+        raise ValueError(f"{path} line {line}: a params file is a mapping of sections (data:, train:, ...)")
+    keys = [k.value for k, _ in node.value]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise ValueError(f"{path} gives the top-level keys {twice} more than once; keep one of each")
+    for (_, value_node), (name, value) in zip(node.value, params.items()):
+        line = value_node.start_mark.line + 1
+        if name in OPTIONS and not isinstance(value, bool):
+            raise ValueError(f"{path} line {line}: option {name} must be true or false, got {value!r}")
+        if name not in OPTIONS and not isinstance(value, dict):
+            raise ValueError(
+                f"{path} line {line}: section {name} must be a mapping of its parameters, got {value!r}; "
+                f"top-level keys are sections or the options {sorted(OPTIONS)}"
+            )
+    return params
+
+
+@functools.cache
+def _field_hints(cls) -> dict:
+    """Field name -> resolved annotation of dataclass ``cls``."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _options(hint) -> tuple:
+    """The alternatives of a ``X | Y`` annotation, or ``(hint,)``."""
+    return typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+
+
+def matches(value, hint) -> bool:
+    """Whether ``value`` fits annotation ``hint``: an int is not a bool, a float is a finite int or float, a
+    ``list[X]`` holds only X, ``X | None`` takes either; other classes (str, dict, a config) by isinstance."""
+    if isinstance(hint, types.UnionType):
+        return any(matches(value, h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(matches(v, item) for v in value)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is type(None):
+        return value is None
+    return isinstance(value, hint)
+
+
+def describe(hint) -> str:
+    """How an annotation reads in an error message: ``list[str] | None`` -> 'a list of strings or null'."""
+    if isinstance(hint, types.UnionType):
+        return " or ".join(describe(h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return f"a list of {PLURALS[typing.get_args(hint)[0]]}"
+    if hint is type(None):
+        return "null"
+    return NAMES.get(hint) or f"a {hint.__name__} (a mapping of its keys)"
+
+
+def check_type(cls, name: str, value) -> None:
+    """Raise TypeError unless ``value`` fits the annotation of field ``name`` of dataclass ``cls``."""
+    hint = _field_hints(cls)[name]
+    if not matches(value, hint):
+        raise TypeError(
+            f"{cls.__name__}.{name} must be {describe(hint)}, got {value!r} ({type(value).__name__}); "
+            "write it so in the params file"
+        )
+
 
 def from_dict(cls, values: dict):
-    """Build dataclass ``cls`` from a params mapping, rejecting keys it does not have."""
+    """Build dataclass ``cls`` from a params mapping: unknown keys rejected, nested configs built from nested
+    mappings, every given value checked against its field's annotation."""
     names = [f.name for f in dataclasses.fields(cls)]
+    if not isinstance(values, dict):
+        raise TypeError(f"{cls.__name__} must be a mapping of its keys {names}, got {values!r}")
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise ValueError(f"unknown {cls.__name__} keys {unknown}; valid keys: {names}")
-    return cls(**values)
+    no_default = dataclasses.MISSING
+    required = [f.name for f in dataclasses.fields(cls) if f.default is no_default and f.default_factory is no_default]
+    missing = [n for n in required if n not in values]
+    if missing:
+        raise ValueError(f"{cls.__name__} needs the keys {missing}; got {sorted(values)}")
+    built = {}
+    for name, value in values.items():
+        nested = [h for h in _options(_field_hints(cls)[name]) if dataclasses.is_dataclass(h)]
+        built[name] = from_dict(nested[0], value) if nested and isinstance(value, dict) else value
+        check_type(cls, name, built[name])
+    return cls(**built)
 
 
 def _choice(name: str, value, choices) -> None:
@@ -152,11 +294,7 @@ class ModelConfig:
 
     @classmethod
     def from_params(cls, params: dict) -> ModelConfig:
-        values = dict(params)
-        for key, sub in (("shape", ModelShape), ("tokenizer", TokenizerConfig), ("train", TrainConfig)):
-            if values.get(key) is not None:
-                values[key] = from_dict(sub, values[key])
-        return from_dict(cls, values)
+        return from_dict(cls, params)
 
 
 @dataclass(frozen=True)
@@ -164,13 +302,15 @@ class FusionConfig:
     """How several teachers' aligned KV are combined per layer (see ``kvlib.fusion``)."""
 
     kind: str = "fixed"
-    weights: list[float] | None = None  # fixed weights, one per teacher (default uniform)
+    weights: list[float] | None = None  # kind fixed: one per teacher, summing to 1 (default uniform)
     temperature: float = 1.0
     entropy_weight: float = 0.0  # router only: > 0 pushes toward specialised, < 0 toward diverse
 
     def __post_init__(self):
         _choice("fusion kind", self.kind, FUSIONS)
         _positive(self, "temperature")
+        if self.weights is not None and self.kind != "fixed":
+            raise ValueError(f"fusion weights are used only by kind 'fixed', got them with kind {self.kind!r}")
 
 
 @dataclass(frozen=True)
@@ -188,12 +328,84 @@ class GroupConfig:
             raise ValueError(f"a group with teachers {self.teachers} needs fusion settings")
         if len(set(self.teachers)) != len(self.teachers):
             raise ValueError(f"teachers {self.teachers} are listed twice")
+        if self.fusion is not None and self.fusion.weights is not None:
+            check_fixed_weights(self.fusion.weights, len(self.teachers))
 
     @classmethod
     def from_params(cls, params: dict) -> GroupConfig:
-        values = dict(params)
-        if values.get("kv") is not None:
-            values["kv"] = from_dict(KVConfig, values["kv"])
-        if values.get("fusion") is not None:
-            values["fusion"] = from_dict(FusionConfig, values["fusion"])
-        return from_dict(cls, values)
+        return from_dict(cls, params)
+
+
+def _at(params: dict, path: str):
+    """The value at dotted ``path`` of a params mapping (``"train.groups"``); a ValueError names a missing step."""
+    value = params
+    for i, key in enumerate(path.split(".")):
+        if not isinstance(value, dict) or key not in value:
+            where = ".".join(path.split(".")[:i]) or "the params file"
+            raise ValueError(f"the study needs {path}, but {where} has no {key!r}; add it")
+        value = value[key]
+    return value
+
+
+def check_study(params: dict) -> None:
+    """Check section ``study`` of a params mapping against the sections that must agree with it.
+
+    ``study`` names what dvc.yaml's generated stages iterate over: ``teachers`` (a teacher and a KV
+    extraction each), ``control`` and ``groups`` (a training run per seed each), ``seeds``. Each list is
+    non-empty and without repeats, seeds are integers, names are path-safe (``NAME``: they name folders and
+    executed notebooks). Every teacher and group must exist in ``teacher.teachers`` / ``train.groups``, every
+    trained group may use only the study's teachers, and the evaluate, statistics and report sections must
+    cover exactly the study's groups and seeds. A params file without ``study`` (one stage run by hand)
+    has nothing to check. Raises ValueError naming the key and the fix.
+    """
+    if "study" not in params:
+        return
+    study = params["study"]
+    if sorted(study) != sorted(STUDY_KEYS):
+        raise ValueError(f"study must have exactly the keys {list(STUDY_KEYS)}, got {sorted(study)}")
+    for key in ("teachers", "groups", "seeds"):
+        items, kind = study[key], "integers" if key == "seeds" else "names"
+        typed = isinstance(items, list) and all(
+            isinstance(x, int) and not isinstance(x, bool) if key == "seeds" else isinstance(x, str) for x in items
+        )
+        if not typed or not items or len(set(items)) != len(items):
+            raise ValueError(f"study.{key} must be a non-empty list of distinct {kind}, got {items!r}")
+    control, groups, teachers = study["control"], study["groups"], study["teachers"]
+    unsafe = [n for n in [control, *groups, *teachers] if not (isinstance(n, str) and NAME.fullmatch(n))]
+    if unsafe:
+        raise ValueError(
+            f"study names {unsafe} must be letters, digits, '.', '_' or '-', starting with a letter or digit "
+            "(they name folders and notebooks); rename them"
+        )
+    if control in groups:
+        raise ValueError(f"study.control {control!r} is also in study.groups {groups}; remove it from the groups")
+    every = [control, *groups]
+    for names, path in ((teachers, "teacher.teachers"), (every, "train.groups")):
+        absent = [n for n in names if n not in _at(params, path)]
+        if absent:
+            raise ValueError(
+                f"the study names {absent}, absent from {path} {sorted(_at(params, path))}; add them there or "
+                "remove them from the study"
+            )
+    for path in [f"train.groups.{g}.teachers" for g in every] + ["alignment.teachers"]:
+        extra = [t for t in _at(params, path) if t not in teachers]
+        if extra:
+            raise ValueError(
+                f"{path} names {extra}, but study.teachers is {teachers}: no KV is extracted for them; add them there"
+            )
+    expected = {
+        "evaluate.groups": every,
+        "evaluate.seeds": study["seeds"],
+        "statistics.control": control,
+        "statistics.groups": every,
+        "report.plan.control": control,
+        "report.plan.groups": every,  # a mapping group -> description: its keys
+        "report.plan.seeds": len(study["seeds"]),
+    }
+    for path, want in expected.items():
+        got = _at(params, path)
+        if (list(got) if isinstance(got, dict) else got) != want:
+            raise ValueError(
+                f"{path} is {got!r} but the study makes it {want!r} (study.control, then study.groups; "
+                "report.plan.seeds counts study.seeds); set it so"
+            )

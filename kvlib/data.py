@@ -31,6 +31,9 @@ Notable choices:
 
 GSM8K (Cobbe et al. 2021, https://arxiv.org/abs/2110.14168): one JSON object per line with ``question`` and
 ``answer``, the answer being the worked solution (with ``<<48/2=24>>`` annotations) then ``#### 72``.
+The loaders read UTF-8 only and name file and line of any bad line (a byte that is not UTF-8, invalid JSON, a
+final answer that is no integer); a comma in a number is a thousands separator only (``1,000``, not ``1,00``);
+a GSM8K file without any example is refused, never read as an empty test split.
 """
 
 from __future__ import annotations
@@ -323,9 +326,16 @@ def save_jsonl(examples: list[Example], path: str | Path) -> None:
 
 
 def _read_jsonl(path: str | Path):
-    """(line number, object) for each non-blank line; line numbers count from 1."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    """(line number, object) for each non-blank line; line numbers count from 1. The file must be UTF-8."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{path}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line); "
+                    f"re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8 {path}"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -371,26 +381,35 @@ def load_gsm8k(path: str | Path) -> list[Example]:
             )
         answer = _canonical(final.strip())
         if answer is None:
-            raise ValueError(f"{path}:{lineno}: the final answer {final.strip()!r} after '####' is not an integer")
+            raise ValueError(
+                f"{path}:{lineno}: the final answer {final.strip()!r} after '####' is not an integer (a thousands "
+                "separator groups exactly three digits: 1,000 or 12,345,678); correct that line"
+            )
         examples.append(
             Example(f"gsm8k-{lineno}", "gsm8k", "gsm8k", obj["question"].strip(), reasoning.strip(), answer)
         )
+    if not examples:
+        raise ValueError(f"{path} holds no GSM8K example (it is empty or blank); point gsm8k_test at a GSM8K JSONL")
     return examples
 
 
 # Answers.
 
-_FINAL = re.compile(r" *(-?\d[\d,]*)(\.\d)?")
+_INTEGER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)")  # commas only as thousands separators
+_FINAL = re.compile(r" *(-?\d+(?:,\d+)*)(\.\d)?")  # digits and comma-joined digit groups, then a decimal?
 
 
 def _canonical(s: str) -> str | None:
-    """The canonical form of an integer string ("1,234" -> "1234", "-03" -> "-3"); None if s is not one."""
-    return str(int(s.replace(",", ""))) if re.fullmatch(r"-?\d[\d,]*", s) else None
+    """The canonical form of an integer string ("1,234" -> "1234", "-03" -> "-3"); None if s is not one.
+
+    A comma must separate groups of exactly three digits: "1,00" and "1234,567" are not integers."""
+    return str(int(s.replace(",", ""))) if _INTEGER.fullmatch(s) else None
 
 
 def parse_answer(generated: str) -> str | None:
-    """The canonical integer after the first ``#### `` in generated text (commas removed, anything after the
-    number ignored); None when there is no ``#### `` or no integer right after it (a decimal counts as none)."""
+    """The canonical integer after the first ``#### `` in generated text (thousands separators removed,
+    anything after the number ignored); None when there is no ``#### `` or no integer right after it (a decimal
+    or a badly grouped number such as "1,00" counts as none)."""
     start = generated.find("#### ")
     m = _FINAL.match(generated, start + 5) if start >= 0 else None
-    return None if m is None or m.group(2) else str(int(m.group(1).replace(",", "")))
+    return None if m is None or m.group(2) else _canonical(m.group(1))

@@ -35,7 +35,7 @@ from kvlib.losses import kv_loss, relation_loss
 from kvlib.projectors import KVProjector
 from kvlib.resample import time_alignment
 from kvlib.rope import unrotate_keys
-from kvlib.text import encode_batch
+from kvlib.text import check_lengths, encode_batch
 
 
 def shuffle_time(kv: list[tuple[Tensor, Tensor]], keep: Tensor, real: Tensor) -> tuple[list, Tensor]:
@@ -206,7 +206,9 @@ class Distiller(nn.Module):
 def collate_fn(tokenizer, examples: list[Example], stores: list[KVStore] = (), max_length: int | None = None):
     """``collate(indices) -> batch``: the examples encoded by the student's tokenizer (right-padded, with
     offsets, segment bounds and ``task_ids`` indexing ``kvlib.data.TASKS``) and, under ``teachers``, each
-    teacher's stored KV of the same examples."""
+    teacher's stored KV of the same examples. With ``max_length`` (the student's
+    ``max_position_embeddings``) every example is checked once, up front: a text too long for the model is
+    refused (``kvlib.text.check_lengths``), never truncated."""
     unknown = sorted({e.task for e in examples} - set(TASKS))
     if unknown:
         raise ValueError(f"training examples have tasks {unknown}; training takes the tasks {TASKS}")
@@ -216,6 +218,8 @@ def collate_fn(tokenizer, examples: list[Example], stores: list[KVStore] = (), m
                 f"KV store {i} holds {len(store)} examples that are not these {len(examples)} in this order; "
                 "extract the store over the same split the student trains on"
             )
+    if max_length is not None:
+        check_lengths(tokenizer, [e.text for e in examples], [e.id for e in examples], max_length)
 
     def collate(indices) -> dict:
         chunk = [examples[i] for i in indices]

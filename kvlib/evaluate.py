@@ -5,6 +5,10 @@ the attention mask); decoding is greedy and stops at ``<eos>`` or ``max_new_toke
 is the integer after the first ``#### `` in the generated text (``kvlib.data.parse_answer``); an
 example is correct when it equals the gold answer exactly. One JSON record per example is written:
 id, task, gold, prediction (``null`` when no answer was produced), correct, and the generated text.
+
+Nothing is truncated: an example whose prompt plus ``max_new_tokens`` needs more positions than the model's
+``max_position_embeddings`` is refused before any decoding, naming its id and token count
+(``kvlib.text.check_lengths``).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch
 
 from kvlib.data import Example, parse_answer
 from kvlib.files import write_text
-from kvlib.text import encode_batch
+from kvlib.text import check_lengths, encode_batch
 
 
 @torch.no_grad()
@@ -42,11 +46,19 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     return texts
 
 
+def _answers(model, tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy continuations of the examples' prompts, refusing prompts that do not fit the model's positions."""
+    prompts = [e.prompt for e in examples]
+    limit = model.config.max_position_embeddings
+    check_lengths(tokenizer, prompts, [e.id for e in examples], limit, reserve=max_new_tokens, add_eos=False)
+    return generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+
+
 def accuracy(model, tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int = 64) -> float:
     """Exact-match accuracy of greedy decoding on ``examples`` (no files written)."""
     if not examples:
         raise ValueError("accuracy needs at least one example")
-    generated = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens, batch_size)
+    generated = _answers(model, tokenizer, examples, max_new_tokens, batch_size)
     return sum(parse_answer(text) == e.answer for e, text in zip(examples, generated)) / len(examples)
 
 
@@ -56,7 +68,7 @@ def evaluate(
     """Accuracy of ``model`` on ``examples``; writes one JSON line per example to ``out_path`` (atomically)."""
     if not examples:
         raise ValueError("evaluate needs at least one example")
-    generated = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens, batch_size)
+    generated = _answers(model, tokenizer, examples, max_new_tokens, batch_size)
     records = []
     for e, text in zip(examples, generated):
         prediction = parse_answer(text)

@@ -1,12 +1,15 @@
 """Atomic file writes: content goes to a temporary file in the target's folder, which is then renamed
 onto the target (``os.replace``), so a reader never sees a half-written file and an interrupted write
-leaves the previous version in place."""
+leaves the previous version in place.
+
+The temporary file is created as ``open()`` would create the target (mode ``0o666`` less the umask), not
+``tempfile.mkstemp``'s private ``0o600``, so the renamed file has the permissions a plain write gives it."""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,8 +18,8 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Call ``write(tmp)`` on a temp file next to ``path`` (its folder is created), then move it onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = str(path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the kernel applies the umask
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -14,7 +14,8 @@ Five ``Fusion`` modules choose the weights; ``make_fusion`` picks one by name. E
 ``fixed`` divides its logits by ``temperature`` before a softmax over the available teachers
 (present, and covering at least one position of the example; per position for ``attention``):
 
-- ``fixed``: constant weights (default uniform); no parameters.
+- ``fixed``: constant weights (default uniform), given as N finite non-negative numbers summing to 1
+  (a list that does not is refused, not rescaled); no parameters.
 - ``similarity``: per example, ``cos(s, t_i)`` where ``s`` is the student's own K concatenated with V,
   averaged over heads and over the positions any teacher covers, and ``t_i`` the same average of
   teacher ``i`` over the positions it covers; no parameters.
@@ -182,17 +183,27 @@ class Fusion(nn.Module):
             raise ValueError(f"layer {layer} is out of range for a fusion built for {num_layers} student layers")
 
 
+def check_fixed_weights(weights: list[float], num_teachers: int) -> None:
+    """Raise ValueError unless ``weights`` are ``num_teachers`` finite, non-negative numbers summing to 1.
+
+    They are used in float32: each weight written to float32 precision carries up to half a float32 epsilon
+    of rounding, so the exact sum (``math.fsum``) may miss 1 by at most ``num_teachers`` float32 epsilons."""
+    ok = len(weights) == num_teachers and all(math.isfinite(w) and w >= 0 for w in weights)
+    if not ok or abs(math.fsum(weights) - 1) > num_teachers * torch.finfo(torch.float32).eps:
+        raise ValueError(
+            f"fixed_weights must be {num_teachers} non-negative numbers (finite, one per teacher) summing to 1, "
+            f"got {weights}; set the group's fusion.weights so, e.g. {[1 / num_teachers] * num_teachers}"
+        )
+
+
 class FixedFusion(Fusion):
-    """Constant weights, renormalised over the available teachers."""
+    """Constant weights (``check_fixed_weights``; default uniform), renormalised over the available teachers."""
 
     def __init__(self, num_teachers: int, fixed_weights: list[float] | None = None):
         super().__init__(num_teachers)
+        if fixed_weights is not None:
+            check_fixed_weights(fixed_weights, num_teachers)
         w = torch.ones(num_teachers) if fixed_weights is None else torch.tensor(fixed_weights, dtype=torch.float32)
-        if w.shape != (num_teachers,) or (w < 0).any() or w.sum() == 0:
-            raise ValueError(
-                f"fixed_weights must be {num_teachers} non-negative numbers (one per teacher), not all zero; "
-                f"got {fixed_weights}"
-            )
         self.register_buffer("fixed", w, persistent=False)
 
     def teacher_weights(self, K, V, cover, student_kv, student_h, student_q, task_ids, layer) -> Tensor:

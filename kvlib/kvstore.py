@@ -2,9 +2,9 @@
 
 A store is a directory of safetensors shards plus ``manifest.json``:
 
-- ``shard-00000.safetensors``, ...: up to ``shard_size`` consecutive examples each. Examples are
-  concatenated along time, so no padding is stored. Tensors of a shard holding ``n`` examples with
-  ``N`` tokens and ``Ns`` stored KV slots in all:
+- ``shard-00000-<hash>.safetensors``, ...: up to ``shard_size`` consecutive examples each, named by their
+  number and the first 16 hex digits of their SHA-256. Examples are concatenated along time, so no padding
+  is stored. Tensors of a shard holding ``n`` examples with ``N`` tokens and ``Ns`` stored KV slots in all:
   ``lengths`` (n,) the teacher tokens of each example; ``slots`` (n,) its stored KV slots (equal to
   ``lengths`` unless compressed); ``offsets`` (N, 2) character offsets of each token;
   ``segment_bounds`` (n, S + 1) token cut points of the segments (prompt / reasoning / answer);
@@ -12,15 +12,27 @@ A store is a directory of safetensors shards plus ``manifest.json``:
   compressed store ``positions`` (H, Ns) the teacher token each slot came from and ``kept`` (H, Ns),
   False on a slot a head did not keep.
 - ``manifest.json``: the format, the ``KVSpec``, the dtype, whether the store is compressed, the
-  caller's free-form ``meta`` (teacher, tokenizer, compression settings), the example count and ids,
-  and per shard its example range ``[start, stop)``, size in bytes and SHA-256.
+  caller's free-form ``meta`` (teacher, tokenizer, compression settings, provenance hashes), the example
+  count and ids, and per shard its file, example range ``[start, stop)``, size in bytes and SHA-256.
 
-Choices: shards and manifest are written atomically (temp file in the same folder, then
-``os.replace``) and the manifest last, after the old one is removed, so a half-written store is never
-read as a finished one. Batches must be right-padded. A value that does not fit the storage dtype
-raises instead of becoming inf (use ``bfloat16`` for teachers with huge activations). Reading checks
-each shard's size and SHA-256 the first time it is opened and keeps opened shards in memory (read
-into owned memory, not memory-mapped, so rewriting the store cannot change what a reader holds).
+Choices:
+
+- The manifest is the store's one commit point. A write (or rewrite) saves its shards beside the ones of
+  the store already there, each to a temp file moved to its content name (an identical shard keeps its
+  name and bytes), then replaces ``manifest.json`` with one ``os.replace``, and only then removes the
+  shards the new manifest does not name. So at every instant the manifest in the folder names complete
+  shards that are there: a rewrite that fails (a bad batch, a full disk) or is killed leaves the previous
+  store readable as it was, and a first write leaves nothing that reads as a store. Whatever a killed
+  write left (its shards, temp files) is removed by the next write; one writer per store at a time.
+  Content names keep a re-run that computes the same KV byte-identical (DVC sees no change).
+- Opening a store checks the manifest (required fields and their types, ids matching ``num_examples``,
+  shard ranges contiguous over the ids). The first read of a shard checks its size and SHA-256, that its
+  tensors are the ones the manifest describes (layers, KV heads, head dim, examples, tokens, slots, dtype)
+  and that its K and V are finite; the shard is then kept in memory (read into owned memory, not
+  memory-mapped, so rewriting the store cannot change what a reader holds). Every failure is a
+  ``ValueError`` naming the file, the field or tensor, and the fix.
+- Batches must be right-padded. A value that does not fit the storage dtype raises instead of becoming
+  inf (use ``bfloat16`` for teachers with huge activations).
 
 Compression (KaVa, https://arxiv.org/abs/2510.02312; see :mod:`kvlib.compress`) stores only the kept
 slots, and :meth:`KVStore.batch` scatters them back onto the teacher's token axis with a mask, so a
@@ -31,9 +43,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -49,6 +63,17 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 REQUIRED = {"ids", "kv", "attention_mask", "offsets", "segment_bounds"}
 COMPRESSION = {"positions", "kept"}
 PER_EXAMPLE = {"ids", "lengths", "slots", "segment_bounds"}  # cut by example; "offsets" by token; the rest by slot
+FIELDS = {
+    "spec": dict,
+    "dtype": str,
+    "compressed": bool,
+    "meta": dict,
+    "num_examples": int,
+    "ids": list,
+    "shards": list,
+}
+SHARD_FIELDS = {"file": str, "start": int, "stop": int, "bytes": int, "sha256": str}
+FIX = "re-run the teacher_kv stage"
 
 
 def _sha256(path: Path) -> str:
@@ -166,45 +191,32 @@ def _split(chunk: dict, n: int) -> tuple[dict, dict]:
 
 
 def _write_shard(directory: Path, number: int, chunk: dict, start: int) -> dict:
-    name = f"shard-{number:05d}.safetensors"
-    path = directory / name
+    """Save one shard to a temp file, then move it to its content name; returns its manifest entry."""
     tensors = {k: v.contiguous() for k, v in chunk.items() if k != "ids"}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp))
-    stop = start + len(chunk["ids"])
-    return {"file": name, "start": start, "stop": stop, "bytes": path.stat().st_size, "sha256": _sha256(path)}
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".shard-", suffix=".tmp")
+    os.close(fd)
+    save_file(tensors, tmp)
+    digest, size = _sha256(Path(tmp)), os.path.getsize(tmp)
+    name = f"shard-{number:05d}-{digest[:16]}.safetensors"
+    os.replace(tmp, directory / name)
+    return {"file": name, "start": start, "stop": start + len(chunk["ids"]), "bytes": size, "sha256": digest}
 
 
-def write_store(
-    directory,
-    kv_batches: Iterable[dict],
-    spec: KVSpec,
-    meta: dict,
-    shard_size: int = 256,
-    dtype: torch.dtype = torch.float16,
-) -> Path:
-    """Write teacher KV batches as a store in ``directory``; returns its path.
-
-    Each batch is a dict: ``ids`` list[str]; ``kv`` L pairs (K, V) of (B, H, T, D) in any float dtype;
-    ``attention_mask`` (B, T), right-padded; ``offsets`` (B, T, 2) character offsets;
-    ``segment_bounds`` (B, S + 1) token cut points. A compressed batch adds ``positions`` (B, H, M) long
-    and ``kept`` (B, H, M) bool from :func:`kvlib.compress.select_slots` / ``crop_slots``, and its K, V
-    are (B, H, M, D). ``meta`` is any JSON dict, kept in the manifest. Batches are consumed one at a
-    time, so ``kv_batches`` can be a generator running the teacher.
-    """
-    if shard_size < 1:
-        raise ValueError(f"shard_size is the number of examples per shard and must be >= 1, got {shard_size}")
-    if dtype not in DTYPES.values():
-        raise ValueError(f"dtype must be one of torch.{', torch.'.join(DTYPES)}, got {dtype}")
+def _sweep(directory: Path) -> None:
+    """Remove the shards the manifest in ``directory`` does not name (all of them when there is no readable
+    manifest) and the temp files of interrupted writes; the store there, if any, stays complete."""
     try:
-        json.dumps(meta, allow_nan=False)
-        meta_ok = isinstance(meta, dict)
-    except (TypeError, ValueError):
-        meta_ok = False
-    if not meta_ok:
-        raise ValueError(f"meta must be a dict that JSON can hold (strings, numbers, lists, dicts), got {meta!r}")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / MANIFEST).unlink(missing_ok=True)
+        keep = {entry["file"] for entry in KVStore(directory)._shards}
+    except ValueError:  # no store there, or a damaged one: nothing to keep
+        keep = set()
+    leftovers = [*directory.glob("shard-*.safetensors"), *directory.glob(".shard-*.tmp")]
+    for path in leftovers + list(directory.glob(f".{MANIFEST}.*.tmp")):
+        if path.name not in keep:
+            path.unlink()
+
+
+def _write_shards(directory: Path, kv_batches: Iterable[dict], spec: KVSpec, dtype: torch.dtype, shard_size: int):
+    """Validate and write the batches as shards in ``directory``: ``(shards, ids, compressed)``."""
     shards, ids, seen, pending, layout = [], [], set(), [], None
     for index, batch in enumerate(kv_batches):
         chunk = _chunk(batch, index, spec, dtype)
@@ -228,22 +240,98 @@ def write_store(
     rest = _cat(pending)
     if rest["ids"]:
         shards.append(_write_shard(directory, len(shards), rest, start=shards[-1]["stop"] if shards else 0))
-    manifest = {
-        "format": FORMAT,
-        "spec": asdict(spec),
-        "dtype": str(dtype).removeprefix("torch."),
-        "compressed": layout["compressed"],
-        "meta": meta,
-        "num_examples": len(ids),
-        "ids": ids,
-        "shards": shards,
-    }
-    atomic_write(directory / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
-    names = {s["file"] for s in shards}
-    for stale in directory.glob("shard-*.safetensors"):  # left by an earlier, longer store in this directory
-        if stale.name not in names:
-            stale.unlink()
+    return shards, ids, layout["compressed"]
+
+
+def write_store(
+    directory,
+    kv_batches: Iterable[dict],
+    spec: KVSpec,
+    meta: dict,
+    shard_size: int = 256,
+    dtype: torch.dtype = torch.float16,
+) -> Path:
+    """Write teacher KV batches as a store in ``directory``; returns its path.
+
+    Each batch is a dict: ``ids`` list[str]; ``kv`` L pairs (K, V) of (B, H, T, D) in any float dtype;
+    ``attention_mask`` (B, T), right-padded; ``offsets`` (B, T, 2) character offsets;
+    ``segment_bounds`` (B, S + 1) token cut points. A compressed batch adds ``positions`` (B, H, M) long
+    and ``kept`` (B, H, M) bool from :func:`kvlib.compress.select_slots` / ``crop_slots``, and its K, V
+    are (B, H, M, D). ``meta`` is any JSON dict, kept in the manifest. Batches are consumed one at a
+    time, so ``kv_batches`` can be a generator running the teacher. A store already in ``directory`` stays
+    readable until the new one replaces it whole; if the write fails it stays, and the error propagates.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size is the number of examples per shard and must be >= 1, got {shard_size}")
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype must be one of torch.{', torch.'.join(DTYPES)}, got {dtype}")
+    try:
+        json.dumps(meta, allow_nan=False)
+        meta_ok = isinstance(meta, dict)
+    except (TypeError, ValueError):
+        meta_ok = False
+    if not meta_ok:
+        raise ValueError(f"meta must be a dict that JSON can hold (strings, numbers, lists, dicts), got {meta!r}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _sweep(directory)  # what an earlier, killed write left
+    try:
+        shards, ids, compressed = _write_shards(directory, kv_batches, spec, dtype, shard_size)
+        manifest = {
+            "format": FORMAT,
+            "spec": asdict(spec),
+            "dtype": str(dtype).removeprefix("torch."),
+            "compressed": compressed,
+            "meta": meta,
+            "num_examples": len(ids),
+            "ids": ids,
+            "shards": shards,
+        }
+        atomic_write(directory / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
+    finally:
+        _sweep(directory)  # written: the previous store's shards; failed: this write's
     return directory
+
+
+def _damaged(path: Path, problem: str) -> ValueError:
+    return ValueError(f"{path}: {problem}; the store is damaged or was edited, {FIX}")
+
+
+def _check_manifest(manifest: dict, path: Path) -> None:
+    """Raise unless ``manifest`` holds every field with its type, as many ids as ``num_examples`` and shards
+    whose ranges ``[start, stop)`` follow each other from 0 to ``num_examples``."""
+    missing = sorted(set(FIELDS) - set(manifest))
+    if missing:
+        raise _damaged(path, f"the manifest lacks the fields {missing}")
+    for field, kind in FIELDS.items():
+        if type(manifest[field]) is not kind:
+            raise _damaged(
+                path, f"manifest field {field!r} must be of type {kind.__name__}, got {manifest[field]!r:.80}"
+            )
+    spec, names = manifest["spec"], [f.name for f in fields(KVSpec)]
+    if sorted(spec) != sorted(names) or not all(type(v) is int and v >= 1 for v in spec.values()):
+        raise _damaged(path, f"manifest field 'spec' must hold the positive integers {names}, got {spec}")
+    if manifest["dtype"] not in DTYPES:
+        raise _damaged(path, f"manifest field 'dtype' must be one of {list(DTYPES)}, got {manifest['dtype']!r}")
+    n, ids = manifest["num_examples"], manifest["ids"]
+    if n < 1 or len(ids) != n:
+        raise _damaged(path, f"manifest field 'ids' holds {len(ids)} ids but 'num_examples' is {n} (at least 1)")
+    if not all(type(i) is str for i in ids) or len(set(ids)) != n:
+        raise _damaged(path, "manifest field 'ids' must hold unique strings")
+    stop = 0
+    for number, entry in enumerate(manifest["shards"]):
+        if type(entry) is not dict or any(type(entry.get(f)) is not k for f, k in SHARD_FIELDS.items()):
+            kinds = {f: k.__name__ for f, k in SHARD_FIELDS.items()}
+            raise _damaged(path, f"manifest field 'shards' entry {number} must hold {kinds}, got {entry!r:.200}")
+        if entry["start"] != stop or entry["stop"] <= stop:
+            raise _damaged(
+                path,
+                f"manifest field 'shards' entry {number} holds examples [{entry['start']}, {entry['stop']}) but must "
+                f"start at {stop}, where the one before it ends, and hold at least one",
+            )
+        stop = entry["stop"]
+    if stop != n:
+        raise _damaged(path, f"manifest field 'shards' covers examples [0, {stop}) but 'num_examples' is {n}")
 
 
 class KVStore:
@@ -253,13 +341,14 @@ class KVStore:
         self.directory = Path(directory)
         path = self.directory / MANIFEST
         if not path.is_file():
-            raise ValueError(f"no {MANIFEST} in {self.directory}: not a finished KV store; run the teacher_kv stage")
+            raise ValueError(f"no {MANIFEST} in {self.directory}: not a finished KV store; {FIX}")
         try:
             manifest = json.loads(path.read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON ({err}); re-run the teacher_kv stage") from None
+            raise ValueError(f"{path} is not valid JSON ({err}); {FIX}") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a kvlib KV store manifest ({FORMAT!r}); re-run the teacher_kv stage")
+            raise ValueError(f"{path} is not a kvlib KV store manifest ({FORMAT!r}); {FIX}")
+        _check_manifest(manifest, path)
         self.spec = KVSpec(**manifest["spec"])
         self.meta: dict = manifest["meta"]
         self.ids: list[str] = manifest["ids"]
@@ -288,26 +377,74 @@ class KVStore:
             "ratio_to_dense_fp32": per_token / dense,
         }
 
+    def _check_shard(self, t: dict[str, Tensor], entry: dict, path: Path) -> None:
+        """Raise unless the tensors ``t`` of shard ``entry`` are the ones the manifest describes (names, shapes for
+        its examples, tokens and slots, dtype) and its K and V are finite."""
+        L, H, D = self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim
+        names = {"lengths", "slots", "offsets", "segment_bounds"} | (COMPRESSION if self.compressed else set())
+        names |= {f"{x}.{layer}" for x in "kv" for layer in range(L)}
+        edited = f"the manifest was edited or belongs to other shards, {FIX}"
+        if set(t) != names:
+            raise ValueError(
+                f"shard {path} holds the tensors {sorted(set(t) - names)} the manifest does not describe and lacks "
+                f"{sorted(names - set(t))} that it does (spec {self.spec}, compressed={self.compressed}); {edited}"
+            )
+        n = entry["stop"] - entry["start"]
+        bounds = t["segment_bounds"]
+        per_example = [tuple(t["lengths"].shape), tuple(t["slots"].shape), tuple(bounds.shape)]
+        if per_example[:2] != [(n,), (n,)] or bounds.dim() != 2 or bounds.shape[0] != n or bounds.shape[1] < 2:
+            raise ValueError(
+                f"shard {path}: lengths, slots and segment_bounds have shapes {per_example} but the manifest gives the "
+                f"shard the {n} examples [{entry['start']}, {entry['stop']}), so they must be ({n},), ({n},) and "
+                f"({n}, S + 1); {edited}"
+            )
+        N, Ns = int(t["lengths"].sum()), int(t["slots"].sum())  # tokens, stored slots
+        shapes = {"offsets": (N, 2)} | {f"{x}.{layer}": (H, Ns, D) for x in "kv" for layer in range(L)}
+        shapes |= {name: (H, Ns) for name in COMPRESSION & names}
+        for name, shape in shapes.items():
+            if tuple(t[name].shape) != shape:
+                raise ValueError(
+                    f"shard {path}: {name} has shape {tuple(t[name].shape)} but {shape} follows from the manifest's "
+                    f"spec {self.spec} and the shard's {N} tokens ({Ns} slots); {edited}"
+                )
+        if not self.compressed and not torch.equal(t["slots"], t["lengths"]):
+            raise ValueError(f"shard {path}: slots differ from lengths in an uncompressed store; {edited}")
+        for layer in range(L):
+            for x in "kv":
+                kv = t[f"{x}.{layer}"]
+                if kv.dtype != self.dtype:
+                    raise ValueError(
+                        f"shard {path}: {x}.{layer} is {kv.dtype} but the manifest says {self.dtype}; {edited}"
+                    )
+                bad = int((~torch.isfinite(kv)).sum())
+                if bad:
+                    raise ValueError(
+                        f"shard {path}: layer {layer} {x.upper()} holds {bad} non-finite values (NaN or Inf) under an "
+                        f"intact checksum, so the teacher produced them over examples [{entry['start']}, "
+                        f"{entry['stop']}); check that the teacher gives finite KV there and {FIX}"
+                    )
+
     def _shard(self, number: int) -> dict[str, Tensor]:
         """Shard ``number``'s tensors, verified against the manifest the first time and then cached."""
         if number not in self._cache:
             entry = self._shards[number]
             path = self.directory / entry["file"]
             if not path.is_file():
-                raise ValueError(f"shard {path} is missing; re-run the teacher_kv stage")
+                raise ValueError(f"shard {path} is missing; {FIX}")
             size = path.stat().st_size
             if size != entry["bytes"]:
                 raise ValueError(
                     f"shard {path} holds {size} bytes but the manifest records {entry['bytes']}: it is truncated or "
-                    "was overwritten; re-run the teacher_kv stage"
+                    f"was overwritten; {FIX}"
                 )
             digest = _sha256(path)
             if digest != entry["sha256"]:
                 raise ValueError(
                     f"shard {path} fails its checksum: expected sha256 {entry['sha256']}, got {digest}; the file is "
-                    "corrupted, re-run the teacher_kv stage"
+                    f"corrupted, {FIX}"
                 )
             t = load_file(path, backend="pread")  # owned memory: an mmap would change under a rewritten store
+            self._check_shard(t, entry, path)
             t["token_start"] = t["lengths"].cumsum(0) - t["lengths"]  # (n,) first token of each example
             t["slot_start"] = t["slots"].cumsum(0) - t["slots"]  # (n,) first stored slot of each example
             self._cache[number] = t

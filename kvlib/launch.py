@@ -10,6 +10,12 @@ that section sets ``launch``, a command prefix such as ``accelerate launch --con
 params/accelerate/multi_gpu.yaml``, the notebook runs this script under it instead (``run_train``), so
 that ``dvc repro`` scales out from the params alone. Relative paths are taken from the project root.
 ``batch_size`` is per process: N processes train on N times as many examples per step.
+
+A launcher naming an accelerate ``--config_file`` is checked before it starts (``check_launch``): a GPU
+config (``GPU_TYPES``, not ``use_cpu`` or ``--cpu``) that starts more processes per machine
+(``num_processes / num_machines``, or ``--num_processes`` / ``--num_machines`` of the prefix) than this
+machine has GPUs is refused: on a machine without GPUs each process would act as the main one and they
+would race on the same checkpoint.
 """
 
 from __future__ import annotations
@@ -25,8 +31,11 @@ import torch
 import yaml
 
 from kvlib import project_root
+from kvlib.config import load_params
 from kvlib.files import write_text
 from kvlib.pipeline import train_student
+
+GPU_TYPES = ("MULTI_GPU", "FSDP", "DEEPSPEED", "MEGATRON_LM")  # accelerate distributed types with a process per GPU
 
 
 def student_dir(parameters: dict, group: str, seed: int) -> Path:
@@ -53,12 +62,42 @@ def train_here(parameters: dict, group: str, seed: int, progress: bool = True) -
     )
 
 
+def check_launch(launch: str) -> None:
+    """Refuse a launcher prefix whose accelerate ``--config_file`` (taken from the project root) starts more
+    GPU processes per machine than this machine has GPUs (``torch.cuda.device_count()``)."""
+    options = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    options.add_argument("--config_file")
+    options.add_argument("--num_processes", type=int)
+    options.add_argument("--num_machines", type=int)
+    options.add_argument("--cpu", action="store_true")
+    args, _ = options.parse_known_args(shlex.split(launch))
+    if args.config_file is None:
+        return
+    path = project_root() / args.config_file
+    if not path.is_file():
+        raise ValueError(f"launch {launch!r} names --config_file {args.config_file}, which is not in {project_root()}")
+    config = yaml.safe_load(path.read_text())
+    processes = args.num_processes or config.get("num_processes", 1)  # absent: accelerate picks, at least 1
+    per_machine = processes // (args.num_machines or config.get("num_machines", 1))
+    gpus = torch.cuda.device_count()
+    on_gpu = config.get("distributed_type") in GPU_TYPES and not (config.get("use_cpu") or args.cpu)
+    if on_gpu and per_machine > gpus:
+        fix = "set train.launch to '' (train in the notebook's kernel)"
+        fix += f" or add --num_processes {gpus} to it" if gpus else " on a machine without GPUs"
+        raise ValueError(
+            f"launch {launch!r} starts {per_machine} {config['distributed_type']} processes per machine but this "
+            f"machine has {gpus} GPU(s); {fix}"
+        )
+
+
 def run_train(parameters: dict, group: str, seed: int, progress: bool = True) -> dict:
     """Train student ``<group>-<seed>``: in this process, or, when ``parameters["launch"]`` holds a launcher
-    command prefix, in the processes that launcher starts; returns the training summary."""
+    command prefix (checked by ``check_launch``), in the processes that launcher starts; returns the training
+    summary."""
     launch = parameters.get("launch") or ""
     if not launch:
         return train_here(parameters, group, seed, progress)
+    check_launch(launch)
     out = student_dir(parameters, group, seed)
     out.mkdir(parents=True, exist_ok=True)
     params_file = out / "launch.yaml"  # in the project, so that every node of a cluster job reads it
@@ -83,8 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--group", required=True)
     parser.add_argument("--seed", type=int, required=True)
     args = parser.parse_args(argv)
-    params = yaml.safe_load(Path(args.params).read_text()) or {}
-    if not isinstance(params.get("train"), dict):
+    params = load_params(args.params)
+    if "train" not in params:
         raise ValueError(f"{args.params} has no section 'train'; its sections: {sorted(params)}")
     train_here(params["train"], args.group, args.seed)
 

@@ -10,7 +10,8 @@ its own folder, so each can run alone, in a notebook, under DVC or under ``accel
   tokenizer trap in REFERENCE.md) and evaluated on the test split;
 - ``extract_teacher_kv``: the teacher's KV over the student-training split, as a KV store;
 - ``train_student``: one student (one group, one seed) trained with CE and, when the group names
-  teachers, the KV loss against their stores (fused when several);
+  teachers, the KV loss against their stores (fused when several); a store extracted over other
+  examples than the student-training split (its recorded ``examples_sha256``) is refused;
 - ``evaluate_student``: greedy decoding of a trained student on the test split.
 
 Models are built from a shape (tiny models of real families, trained here) or loaded from a local
@@ -19,6 +20,7 @@ checkpoint directory (``path``: real models; a teacher without a ``train`` secti
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -35,7 +37,7 @@ from kvlib.fusion import make_fusion
 from kvlib.hf import kv_spec
 from kvlib.kvstore import KVStore
 from kvlib.layers import layer_map
-from kvlib.models import load_model
+from kvlib.models import check_vocabulary, load_model
 from kvlib.teacher_kv import extract_store
 from kvlib.text import load_tokenizer, save_tokenizer, train_tokenizer
 from kvlib.train import train
@@ -70,7 +72,9 @@ def _build(cfg: ModelConfig, texts: list[str], seed: int):
     """A model and its tokenizer: from the checkpoint ``cfg.path``, or built from ``cfg.shape`` with a
     tokenizer trained on ``texts``."""
     if cfg.path:
-        return load_model(cfg.path), load_tokenizer(cfg.path)  # trained by accelerate, which places it
+        model, tokenizer = load_model(cfg.path), load_tokenizer(cfg.path)  # trained by accelerate, which places it
+        check_vocabulary(model, tokenizer)
+        return model, tokenizer
     tokenizer = train_tokenizer(cfg.tokenizer.kind, texts, cfg.tokenizer.vocab_size)
     return cfg.shape.build(len(tokenizer), seed), tokenizer
 
@@ -88,10 +92,15 @@ def load_trained(model_dir: str | Path, inference: bool = False):
     machine with a GPU the model is put there in bfloat16 (real checkpoints); on a CPU it stays float32."""
     model_dir = Path(model_dir)
     pointer = model_dir / "checkpoint.json"
+    if not pointer.exists() and not (model_dir / "model").is_dir():
+        raise ValueError(
+            f"{model_dir.name} was not trained: no {model_dir / 'model'} (nor a checkpoint.json); run its train stage"
+        )
     path = json.loads(pointer.read_text())["path"] if pointer.exists() else model_dir / "model"
-    tokenizer = load_tokenizer(path if pointer.exists() else model_dir / "tokenizer")
     gpu = inference and torch.cuda.is_available()
     model = load_model(path, torch.bfloat16 if gpu else None)
+    tokenizer = load_tokenizer(path if pointer.exists() else model_dir / "tokenizer")
+    check_vocabulary(model, tokenizer)
     return (model.to("cuda") if gpu else model), tokenizer
 
 
@@ -104,13 +113,24 @@ def train_teacher(params: dict, data_dir: str | Path, out_dir: str | Path, progr
     if cfg.train is None:
         write_json(out / "checkpoint.json", {"path": str(Path(cfg.path).resolve())})
         model, tokenizer = load_trained(out, inference=True)
+        kv_spec(model.config)  # a model without an attention KV cache is refused before any work
     else:
         model, tokenizer = _build(cfg, [e.text for e in examples], cfg.train.seed)
+        kv_spec(model.config)
         save_tokenizer(tokenizer, out / "tokenizer")
         start = time.perf_counter()
         validate = _validation(model, tokenizer, splits["validation"], cfg.max_new_tokens)
-        collate = collate_fn(tokenizer, examples)
-        train(Distiller(model), collate, len(examples), cfg.train, out, progress=progress, validate=validate)
+        collate = collate_fn(tokenizer, examples, max_length=model.config.max_position_embeddings)
+        train(
+            Distiller(model),
+            collate,
+            len(examples),
+            cfg.train,
+            out,
+            progress=progress,
+            validate=validate,
+            fingerprint={"teacher": params, "examples": split_sha256(examples)},
+        )
         seconds = time.perf_counter() - start
     metrics = evaluate(model, tokenizer, splits["test"], out / "test_predictions.jsonl", cfg.max_new_tokens)
     metrics |= {"train_seconds": round(seconds, 1), "parameters": sum(p.numel() for p in model.parameters())}
@@ -162,9 +182,29 @@ def train_student(
     examples = splits["student_train"]
     model, tokenizer = _build(cfg, [e.text for e in examples], seed)  # the same on every process
     spec_s = kv_spec(model.config)
-    stores = [KVStore(Path(kv_root) / name) for name in g.teachers]
-    aligners = []
-    for name, store in zip(g.teachers, stores):
+    if g.teachers and kv_root is None:
+        raise ValueError(
+            f"the group names teachers {g.teachers} but no kv_root was given; pass the teacher_kv stores' folder"
+        )
+    examples_sha = split_sha256(examples)
+    stores, aligners = [], []
+    for name in g.teachers:
+        directory = Path(kv_root) / name
+        if not directory.exists():
+            found = sorted(p.parent.name for p in Path(kv_root).glob("*/manifest.json"))
+            raise ValueError(
+                f"the group names teacher {name!r} but no KV store exists at {directory} (stores there: {found}); "
+                f"{name!r} must be a teacher of the study (teacher.teachers and study.teachers in the params) whose "
+                "teacher_kv stage has run"
+            )
+        store = KVStore(directory)
+        if store.meta.get("examples_sha256") != examples_sha:
+            raise ValueError(
+                f"the KV store of teacher {name} was extracted over other examples (sha256 "
+                f"{store.meta.get('examples_sha256', 'not recorded')}) than the student-training split (sha256 "
+                f"{examples_sha}); re-run the teacher_kv stage for {name}"
+            )
+        stores.append(store)
         if g.kv.pre_rope != store.meta["pre_rope"]:
             raise ValueError(
                 f"kv.pre_rope={g.kv.pre_rope} but the store of teacher {name} holds "
@@ -193,8 +233,18 @@ def train_student(
     distiller = Distiller(model, aligners, g.kv, fusion)
     start = time.perf_counter()
     validate = _validation(model, tokenizer, splits["validation"], cfg.max_new_tokens)
-    collate = collate_fn(tokenizer, examples, stores)
-    summary = train(distiller, collate, len(examples), train_cfg, out, progress=progress, validate=validate)
+    collate = collate_fn(tokenizer, examples, stores, max_length=model.config.max_position_embeddings)
+    manifests = [hashlib.sha256((s.directory / "manifest.json").read_bytes()).hexdigest() for s in stores]
+    summary = train(
+        distiller,
+        collate,
+        len(examples),
+        train_cfg,
+        out,
+        progress=progress,
+        validate=validate,
+        fingerprint={"student": params, "group": group, "seed": seed, "examples": examples_sha, "stores": manifests},
+    )
     summary |= {"train_seconds": round(time.perf_counter() - start, 1), "seed": seed, "teachers": g.teachers}
     if PartialState().is_main_process:  # set up by the training loop; under a launcher only the main process writes
         save_tokenizer(tokenizer, out / "tokenizer")

@@ -14,6 +14,14 @@ Three tools, all vectorised (no Python loop over tokens):
 
 ``area_weights`` is the overlap-proportional ``(n_out, n_in)`` averaging matrix used to initialise
 head mixing (7 -> 3 heads) and to build ratio layer maps.
+
+Empty sequences (T = 0): resampling an empty input gives zeros, to an empty output an empty tensor. The
+alignment matrices (``span_alignment``, ``time_alignment`` of every kind) have a zero row for each
+padded student step and a zero column for each padded teacher step, so ``Ts = 0`` or ``Tt = 0`` (or
+masks with no real token) give the all-zero ``(B, Ts, Tt)`` matrix, possibly empty. What has no
+correct result raises ``ValueError``: an example with real student tokens but no real teacher token
+(or, for ``segment``, a segment with student tokens but none of the teacher's), whose student rows
+could only be zero, i.e. a distillation target of zeros.
 """
 
 from __future__ import annotations
@@ -162,6 +170,8 @@ def span_alignment(
     empty = mask_s.any(1) & ~mask_t.any(1)
     if empty.any():
         raise ValueError(f"examples {empty.nonzero().flatten().tolist()} have student tokens but no teacher token")
+    if Tt == 0:  # no teacher token, hence (checked above) no real student token: all rows are zero
+        return torch.zeros(B, Ts, 0, device=offsets_s.device)
     s0, s1 = offsets_s[..., 0, None].double(), offsets_s[..., 1, None].double()  # (B, Ts, 1)
     t0, t1 = offsets_t[:, None, :, 0].double(), offsets_t[:, None, :, 1].double()  # (B, 1, Tt)
     valid = mask_s[:, :, None] & mask_t[:, None, :]  # (B, Ts, Tt)
@@ -209,7 +219,8 @@ def time_alignment(
     ``global``: each example's real teacher tokens linearly resampled onto its real student tokens;
     ``segment``: the same per segment (bounds_t (B, S + 1), bounds_s (B, S + 1) token cut points);
     ``span``: character-overlap alignment (offsets_t (B, Tt, 2), offsets_s (B, Ts, 2)).
-    Apply it as ``einsum("bst,bhtd->bhsd", A, x_t)``; rows of student padding are zero.
+    Apply it as ``einsum("bst,bhtd->bhsd", A, x_t)``; rows of student padding are zero. An example (for
+    ``segment``: a segment) with student tokens but no teacher token raises (module docstring: T = 0).
     """
     if kind not in ALIGNMENTS:
         raise ValueError(f"time alignment must be one of {ALIGNMENTS}, got {kind!r}")
@@ -218,15 +229,34 @@ def time_alignment(
             raise ValueError(f"{name} must be a right-padded (B, T) mask (real tokens first), got {m.long().tolist()}")
     B, Tt = mask_t.shape
     Ts = mask_s.shape[1]
+    if mask_s.shape[0] != B:
+        raise ValueError(f"mask_t holds {B} examples but mask_s {mask_s.shape[0]}; give both the same batch")
+    lonely = mask_s.any(1) & ~mask_t.any(1)
+    if lonely.any():
+        raise ValueError(
+            f"examples {lonely.nonzero().flatten().tolist()} have student tokens but no teacher token; encode "
+            "every example for both models (each starts with <bos>)"
+        )
     if kind == "span":
         if offsets_t is None or offsets_s is None:
             raise ValueError("time alignment 'span' needs offsets_t and offsets_s")
         return span_alignment(offsets_t, offsets_s, mask_t, mask_s)
     if kind == "global":
-        bounds_t = torch.stack([torch.zeros_like(mask_t[:, 0]).long(), mask_t.long().sum(1)], dim=1)  # (B, 2)
-        bounds_s = torch.stack([torch.zeros_like(mask_s[:, 0]).long(), mask_s.long().sum(1)], dim=1)
+        bounds_t = torch.stack([mask_t.new_zeros(B, dtype=torch.long), mask_t.long().sum(1)], dim=1)  # (B, 2)
+        bounds_s = torch.stack([mask_s.new_zeros(B, dtype=torch.long), mask_s.long().sum(1)], dim=1)
     elif bounds_t is None or bounds_s is None:
         raise ValueError("time alignment 'segment' needs bounds_t and bounds_s")
     eye = torch.eye(Tt, device=mask_t.device).expand(B, Tt, Tt)  # (B, Tt, Tt): resampling it gives the weights
-    a, _ = segment_resample(eye, bounds_t, bounds_s)  # (B, Ts', Tt)
+    a, _ = segment_resample(eye, bounds_t, bounds_s)  # (B, Ts', Tt); checks the bounds
+    if kind == "segment":
+        b_t = _as_bounds(bounds_t, "bounds_t", mask_t.device).expand(B, -1)  # (B, S + 1)
+        b_s = _as_bounds(bounds_s, "bounds_s", mask_s.device).expand(B, -1)
+        lonely = (b_s.diff(dim=1) > 0) & (b_t.diff(dim=1) == 0)  # (B, S)
+        if lonely.any():
+            b, j = lonely.nonzero()[0].tolist()
+            raise ValueError(
+                f"segment {j} of example {b} has student tokens but no teacher token (bounds_t {b_t[b].tolist()}, "
+                f"bounds_s {b_s[b].tolist()}); a segment of non-empty text has tokens on both sides: check the "
+                "segment bounds of both encodings"
+            )
     return torch.nn.functional.pad(a, (0, 0, 0, Ts - a.shape[1]))  # (B, Ts, Tt)

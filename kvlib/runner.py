@@ -6,17 +6,31 @@
 
 The notebook is ``notebooks/NN_<stage>.ipynb`` of the project root (``kvlib.project_root``, the folder
 holding ``dvc.yaml`` at or above the working directory); its parameters are the keys of section
-``<stage>`` of the params file, updated by ``--set name=value`` (values parsed as YAML) for the items
-of a generated stage. Names the notebook's ``parameters`` cell does not declare are rejected before
-anything runs (papermill itself only warns). The executed notebook and an HTML copy for readers
-without Jupyter are written to ``reports/notebooks/`` (named after the stage and the ``--set``
-values). The kernel runs in the project root.
+``<stage>`` of the params file (read by ``kvlib.config.load_params``), updated by ``--set name=value``
+(values parsed as the same YAML) for the items of a generated stage. Before anything runs
+(``stage_parameters``): the ``study`` section must agree with the others (``kvlib.config.check_study``);
+names the notebook's ``parameters`` cell does not declare are rejected (papermill itself only warns), and
+each value must have the type the cell declares (``seed: int = 0``: ``--set seed=abc`` is refused); the
+stage's output paths (``OUTPUTS``), taken from the project root, must lie inside it (checked on the
+path's text, so an ``artifacts/`` that is a symlink to another disk is fine) unless the params file sets
+``allow_outside_project: true`` at its top level. Input paths may be anywhere.
+
+The executed notebook and an HTML copy for readers without Jupyter are written to
+``reports/notebooks/``, named after the stage and the ``--set`` values (characters other than letters,
+digits and ``._=-`` replaced by ``_``, so ``--set data_dir=/x/y`` names ``01_data-_x_y``). Papermill
+writes ``<name>.running.ipynb`` (saved after every cell: open it to follow a run) and it is renamed onto
+``<name>.ipynb`` only when every cell succeeded; a failed or interrupted run leaves the previous
+complete notebook in place (under ``dvc repro``, DVC has removed a stage's outputs before it starts) and
+its own as ``<name>.failed.ipynb`` for debugging (removed by the next successful run). The HTML is
+written atomically (``kvlib.files``). The kernel runs in the project root.
 
 ``pipeline`` runs the whole DVC pipeline on another params file in a separate working folder (a copy
 of ``dvc.yaml``, the notebooks, ``kvlib`` and ``params/accelerate`` with that file as
 ``params/default.yaml``), so that a smoke run or a real-model run never touches the default study's
-``reports/``. Its notebooks import the copied ``kvlib`` (the kernel runs in the folder), the code its
-``dvc.lock`` records.
+``reports/``. The folder must be new, empty, or one this runner set up before (it holds ``MARKER``):
+its copies are replaced on every run, so any other folder is refused rather than overwritten. Every
+section of the params file is checked before DVC starts. Its notebooks import the copied ``kvlib``
+(the kernel runs in the folder), the code its ``dvc.lock`` records.
 """
 
 from __future__ import annotations
@@ -24,6 +38,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -31,9 +46,14 @@ from pathlib import Path
 
 import nbconvert
 import papermill
-import yaml
 
 from kvlib import project_root
+from kvlib.config import OPTIONS, check_study, describe, load_params, matches, parse_yaml
+from kvlib.files import atomic_write, write_text
+
+OUTPUTS = ("out_dir", "out_root", "out_path", "report_dir", "report_root", "report_path")  # keys a stage writes to
+TYPES = {"int": int, "float": float, "bool": bool, "str": str, "list": list, "dict": dict}  # of parameters cells
+MARKER = ".kvlib-workdir"  # in a working folder set up by run_pipeline
 
 
 def notebook_for(stage: str, root: Path | None = None) -> Path:
@@ -46,31 +66,64 @@ def notebook_for(stage: str, root: Path | None = None) -> Path:
     return found[0]
 
 
-def stage_parameters(params_file: str | Path, stage: str) -> dict:
-    """Section ``stage`` of a YAML params file."""
-    params = yaml.safe_load(Path(params_file).read_text()) or {}
-    if stage not in params or not isinstance(params[stage], dict):
-        raise ValueError(f"{params_file} has no section {stage!r}; its sections: {sorted(params)}")
-    return params[stage]
-
-
 def check_parameters(notebook: Path, parameters: dict) -> None:
-    """Reject parameter names the notebook does not declare, listing the ones it does."""
+    """Reject parameter names the notebook does not declare, listing the ones it does, and values of another
+    type than the one declared (TypeError; an int is not a bool, a float may be an int)."""
     declared = papermill.inspect_notebook(str(notebook))
     unknown = sorted(set(parameters) - set(declared))
     if unknown:
         raise ValueError(f"{notebook.name} has no parameters {unknown}; it declares {sorted(declared)}")
+    for name, value in parameters.items():
+        kind = declared[name]["inferred_type_name"]
+        if kind not in TYPES:
+            raise ValueError(f"{notebook.name} declares {name}: {kind}; declare one of {list(TYPES)} there")
+        if not matches(value, TYPES[kind]):
+            raise TypeError(
+                f"{notebook.name} parameter {name} must be {describe(TYPES[kind])}, got {value!r} "
+                f"({type(value).__name__}); fix it in the params file or the --set"
+            )
+
+
+def check_outputs(parameters: dict, root: Path) -> None:
+    """Reject output paths (``OUTPUTS`` keys) that, taken from ``root``, leave it (``..``, an absolute path)."""
+    for key in OUTPUTS:
+        if key in parameters and not Path(os.path.normpath(root / parameters[key])).is_relative_to(root):
+            raise ValueError(
+                f"{key}={parameters[key]!r} lies outside the project {root}; give a path inside it, or set "
+                "allow_outside_project: true at the top of the params file"
+            )
+
+
+def stage_parameters(params_file: str | Path, stage: str, sets: dict | None = None, root: Path | None = None) -> dict:
+    """Section ``stage`` of a params file updated by ``sets``, checked against the study, the stage's
+    notebook (names and types) and the project ``root`` (outputs inside it)."""
+    root = root or project_root()
+    params = load_params(params_file)
+    check_study(params)
+    if stage not in params or stage in OPTIONS:
+        sections = sorted(set(params) - set(OPTIONS))
+        raise ValueError(f"{params_file} has no section {stage!r}; its sections: {sections}")
+    parameters = params[stage] | (sets or {})
+    check_parameters(notebook_for(stage, root), parameters)
+    if not params.get("allow_outside_project", False):
+        check_outputs(parameters, root)
+    return parameters
 
 
 def parse_sets(items: list[str]) -> dict:
-    """``["seed=1", "group=G1"]`` -> ``{"seed": 1, "group": "G1"}`` (values parsed as YAML)."""
+    """``["seed=1", "group=G1"]`` -> ``{"seed": 1, "group": "G1"}`` (values parsed as params-file YAML)."""
     parsed = {}
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name:
             raise ValueError(f"--set takes name=value, got {item!r}")
-        parsed[name] = yaml.safe_load(value)
+        parsed[name] = parse_yaml(value, f"--set {item}")
     return parsed
+
+
+def executed_name(stage_notebook: Path, sets: dict) -> str:
+    """``05_train`` and ``{"group": "G1", "seed": 0}`` -> ``05_train-G1-0``; unsafe characters become ``_``."""
+    return "-".join([stage_notebook.stem, *(re.sub(r"[^A-Za-z0-9._=-]", "_", str(v)) for v in sets.values())])
 
 
 def run_stage(stage: str, params_file: str | Path, sets: dict | None = None, executed_dir: Path | None = None) -> Path:
@@ -78,35 +131,53 @@ def run_stage(stage: str, params_file: str | Path, sets: dict | None = None, exe
     root = project_root()
     notebook = notebook_for(stage, root)
     sets = sets or {}
-    parameters = stage_parameters(params_file, stage) | sets
-    check_parameters(notebook, parameters)
+    parameters = stage_parameters(params_file, stage, sets, root)
     executed_dir = executed_dir or root / "reports" / "notebooks"
     executed_dir.mkdir(parents=True, exist_ok=True)
-    out = (executed_dir / "-".join([notebook.stem, *(str(v) for v in sets.values())])).with_suffix(".ipynb")
+    name = executed_name(notebook, sets)
+    out, running, failed = (executed_dir / f"{name}{suffix}.ipynb" for suffix in ("", ".running", ".failed"))
     print(f"[kvlib] stage {stage} {sets or ''}: {notebook.name} with {params_file}", flush=True)
-    papermill.execute_notebook(
-        str(notebook), str(out), parameters=parameters, cwd=str(root), log_output=True, progress_bar=False
-    )
-    body, _ = nbconvert.HTMLExporter(template_name="basic").from_filename(str(out))
-    head = f'<head><meta charset="utf-8"><title>{out.stem}</title></head>'
-    out.with_suffix(".html").write_text(f"<!DOCTYPE html>\n<html>{head}<body>{body}</body></html>\n")
+    try:
+        papermill.execute_notebook(
+            str(notebook), str(running), parameters=parameters, cwd=str(root), log_output=True, progress_bar=False
+        )
+    except BaseException:
+        if running.exists():
+            os.replace(running, failed)
+            print(f"[kvlib] stage {stage} failed; its executed notebook is {failed}", flush=True)
+        raise
+    body, _ = nbconvert.HTMLExporter(template_name="basic").from_filename(str(running))
+    head = f'<head><meta charset="utf-8"><title>{name}</title></head>'
+    write_text(out.with_suffix(".html"), f"<!DOCTYPE html>\n<html>{head}<body>{body}</body></html>\n")
+    os.replace(running, out)
+    failed.unlink(missing_ok=True)
     return out
 
 
 def run_pipeline(params_file: str | Path, workdir: str | Path) -> Path:
-    """``dvc repro`` of the whole pipeline on ``params_file`` inside ``workdir``; returns ``workdir``."""
+    """``dvc repro`` of the whole pipeline on ``params_file`` inside ``workdir``; returns ``workdir``.
+
+    ``workdir`` must be new, empty or set up by an earlier call (it holds ``MARKER``), else ValueError."""
     root, workdir, params_file = project_root(), Path(workdir).resolve(), Path(params_file).resolve()
     if workdir == root:
         raise ValueError(f"workdir {workdir} is the project itself; run `make pipeline` there instead")
-    (workdir / "params").mkdir(parents=True, exist_ok=True)
-    shutil.copy(root / "dvc.yaml", workdir / "dvc.yaml")
-    shutil.copy(root / ".dvcignore", workdir / ".dvcignore")
-    shutil.copy(params_file, workdir / "params" / "default.yaml")
+    if workdir.is_dir() and any(workdir.iterdir()) and not (workdir / MARKER).is_file():
+        raise ValueError(
+            f"{workdir} is not empty and was not created by kvlib.runner (no {MARKER}); its kvlib/, notebooks/, "
+            "params/ and dvc.yaml would be replaced: choose an empty or new folder"
+        )
+    write_text(workdir / MARKER, "set up by `python -m kvlib.runner pipeline`; its copies are replaced on each run\n")
+    for name in ("dvc.yaml", ".dvcignore"):
+        atomic_write(workdir / name, lambda tmp, name=name: shutil.copy(root / name, tmp))
+    atomic_write(workdir / "params" / "default.yaml", lambda tmp: shutil.copy(params_file, tmp))
     shutil.rmtree(workdir / "params" / "accelerate", ignore_errors=True)  # launchers the params may name
     shutil.copytree(root / "params" / "accelerate", workdir / "params" / "accelerate")
     for folder in ("notebooks", "kvlib"):
         shutil.rmtree(workdir / folder, ignore_errors=True)
         shutil.copytree(root / folder, workdir / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    copied = workdir / "params" / "default.yaml"
+    for stage in sorted(set(load_params(copied)) - {"study", *OPTIONS}):  # fail now, not after hours of training
+        stage_parameters(copied, stage, root=workdir)
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])  # stages call `python`
     env = os.environ | {"DVC_NO_ANALYTICS": "1", "PATH": path}
     dvc = [sys.executable, "-m", "dvc"]

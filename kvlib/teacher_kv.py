@@ -11,10 +11,18 @@ Optional compression keeps ``budget`` slots per (example, KV head) among the pro
 tokens; the answer tokens are the observers whose attention decides importance (KaVa / R-KV:
 ``S = lam * I + (1 - lam) * R`` on each layer, averaged over layers, so one selection per head serves
 every layer), or ``crop`` keeps the most recent ones.
+
+The store's ``meta`` records what it was extracted from, so that training can refuse a store of other
+examples (positional ids like ``chain-00064`` repeat across splits and data seeds): ``examples_sha256``
+(``kvlib.data.split_sha256`` of the examples, the bytes of their JSONL split), ``tokenizer_sha256`` (of the
+fast tokenizer's ``tokenizer.json`` serialisation) and ``teacher_sha256`` (of the teacher's state dict as it
+ran: each tensor's name, dtype, shape and bytes, in name order; one pass over the weights, cheap next to
+running the teacher, and the same for a checkpoint and a model built in memory).
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -22,11 +30,11 @@ from torch import Tensor
 from tqdm import tqdm
 
 from kvlib.compress import crop_slots, gather_slots, rkv_scores, select_slots
-from kvlib.data import SEGMENTS, Example
+from kvlib.data import SEGMENTS, Example, split_sha256
 from kvlib.hf import extract_kv, extract_kv_and_attention, kv_spec
 from kvlib.kvstore import KVStore, write_store
 from kvlib.rope import unrotate_keys
-from kvlib.text import encode_batch
+from kvlib.text import check_lengths, encode_batch
 
 COMPRESSIONS = ("rkv", "crop")
 
@@ -46,6 +54,21 @@ def rkv_select(
     keys L x (B, H, T, D)) averaged over layers, then the top ``budget`` eligible slots (``select_slots``)."""
     scores = torch.stack([rkv_scores(a, k, observers, eligible, lam) for a, k in zip(attn, keys)])  # (L, B, H, T)
     return select_slots(scores.mean(0), eligible, budget)  # (B, H, M) positions and kept
+
+
+def tokenizer_sha256(tokenizer) -> str:
+    """sha256 (hex) of a fast tokenizer's ``tokenizer.json`` serialisation: vocabulary, merges, specials."""
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode("utf-8")).hexdigest()
+
+
+def weights_sha256(model) -> str:
+    """sha256 (hex) of ``model``'s state dict: each tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name, x in sorted(model.state_dict().items()):
+        x = x.detach().cpu().contiguous()
+        digest.update(f"{name} {x.dtype} {tuple(x.shape)}\n".encode())
+        digest.update(x.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 @torch.no_grad()
@@ -95,12 +118,15 @@ def extract_store(
     meta: dict | None = None,
     progress: bool = True,
 ) -> KVStore:
-    """Write the KV store of ``model`` over ``examples`` to ``directory`` and open it."""
+    """Write the KV store of ``model`` over ``examples`` to ``directory`` and open it. Its meta holds ``meta``,
+    the extraction settings and the SHA-256 of the examples, the tokenizer and the teacher's weights; a store
+    already in ``directory`` stays readable until the new one is complete (``kvlib.kvstore.write_store``)."""
     if compression not in COMPRESSIONS:
         raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
     if budget is not None and budget < 1:
         raise ValueError(f"budget must be >= 1 slot per head, or None for no compression; got {budget}")
     model.eval()
+    check_lengths(tokenizer, [e.text for e in examples], [e.id for e in examples], model.config.max_position_embeddings)
     spec = kv_spec(model.config)
 
     def batches():
@@ -124,5 +150,10 @@ def extract_store(
             yield batch
 
     settings = {"pre_rope": pre_rope, "budget": budget, "compression": compression if budget else None, "lam": lam}
+    settings |= {
+        "examples_sha256": split_sha256(examples),
+        "tokenizer_sha256": tokenizer_sha256(tokenizer),
+        "teacher_sha256": weights_sha256(model),
+    }
     write_store(directory, batches(), spec, {**(meta or {}), **settings})
     return KVStore(directory)

@@ -22,6 +22,9 @@ Choices the caller must know:
   the text: each token starts where the token before it ends.
 - ``decode(ids)`` gives back the text exactly (no clean-up of spaces) for text in the training
   alphabet (``char``) or any text (``bpe``). Training is deterministic.
+- Nothing is truncated: ``encode_batch`` raises on a text longer than ``max_length``, and ``check_lengths``
+  refuses, before training or generation, examples (named by id) longer than a model's
+  ``max_position_embeddings``.
 - Load saved tokenizers with ``load_tokenizer`` (``PreTrainedTokenizerFast.from_pretrained``), never
   ``AutoTokenizer``: next to a Qwen2 ``config.json`` it returns a ``Qwen2Tokenizer`` that garbles ids.
 """
@@ -127,6 +130,11 @@ def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
     ``encode_batch`` starts every text with ``bos`` and pads with ``pad``.
     """
     directory = Path(directory)
+    if not directory.exists():
+        raise ValueError(
+            f"{directory} does not exist; point it at a folder holding a tokenizer.json (a local checkpoint or a "
+            "tokenizer saved with save_tokenizer)"
+        )
     if not (directory / "tokenizer.json").is_file():
         raise ValueError(f"{directory} holds no tokenizer (no tokenizer.json); save one there with save_tokenizer")
     tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
@@ -134,6 +142,31 @@ def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
         tokenizer.bos_token = tokenizer.bos_token or tokenizer.eos_token
         tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     return tokenizer
+
+
+def check_lengths(
+    tokenizer, texts: list[str], ids: list[str], max_positions: int, reserve: int = 0, add_eos: bool = True
+) -> None:
+    """Refuse texts that, encoded as ``encode_batch`` does (``<bos>`` + tokens (+ ``<eos>``)) and followed by
+    ``reserve`` generated tokens, need more than ``max_positions`` positions; ``ids`` name the texts.
+
+    Nothing is ever truncated: a model given more tokens than its ``max_position_embeddings`` fails
+    (absolute positions) or runs outside the positions it was trained on (RoPE) without a word.
+    """
+    if len(ids) != len(texts):
+        raise ValueError(f"got {len(ids)} ids for {len(texts)} texts; give one id per text")
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []  # a tokenizer fails on []
+    lengths = [len(t) + 1 + add_eos for t in encoded]
+    too_long = [(i, n) for i, n in zip(ids, lengths) if n + reserve > max_positions]
+    if too_long:
+        i, n = too_long[0]
+        generated = f" + {reserve} tokens to generate" if reserve else ""
+        lower = ", lower max_new_tokens" if reserve else ""
+        raise ValueError(
+            f"example {i} is {n} tokens long (with <bos>{'/<eos>' if add_eos else ''}){generated}, more than the "
+            f"model's max_position_embeddings={max_positions} ({len(too_long)} of {len(texts)} examples too long); "
+            f"nothing is truncated: shorten or drop these examples{lower}, or use a model with more positions"
+        )
 
 
 def _special_ids(tokenizer, add_eos: bool) -> tuple[int, int, int]:

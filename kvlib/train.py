@@ -8,19 +8,38 @@ trainable computation sits in one ``Distiller.forward``. Notable choices:
   examples; under data parallelism each step takes ``num_processes`` times as many;
 - **reproducible data order**: epoch ``e`` shuffles with a generator seeded by ``seed + e``, so a
   resumed run skips exactly the micro-batches it had consumed and sees the same order;
-- **checkpoints** (model, optimizer, scheduler, RNG states, step) are written to
-  ``checkpoint.tmp`` and renamed over ``checkpoint``: an interruption never leaves a half-written one.
-  A run started in a folder with a checkpoint resumes from it and ends with the same parameters as an
-  uninterrupted run; ``stop_at`` ends a call early after checkpointing (time-sliced cluster jobs);
+- **checkpoints** (model, optimizer, RNG states by ``accelerate``; step, tokens, the LR scheduler's few
+  numbers and the run's fingerprint in ``state.json``) are written to ``checkpoint.tmp``, then the old one
+  is moved to ``checkpoint.old``, the new one renamed to ``checkpoint`` and the old one removed. A run
+  started in a folder first repairs what a kill at any point of that sequence left (a checkpoint moved
+  aside whose successor never arrived is put back; a partial ``.tmp`` or a stale ``.old`` is removed),
+  then resumes from ``checkpoint`` and ends with the same parameters as an uninterrupted run;
+  ``stop_at`` ends a call early after checkpointing (time-sliced cluster jobs);
+- **no pickle from the folder**: ``accelerate`` loads model, optimizer and RNG states with
+  ``weights_only=True``; the scheduler is not registered with it (it would be unpickled with
+  ``weights_only=False``) but kept as JSON, and a checkpoint holding a ``custom_checkpoint_*.pkl`` is refused;
+- **fingerprint**: ``state.json`` records the TrainConfig and the caller's ``fingerprint`` (everything else
+  that determines the run: model params, group, seed, data) and their SHA-256; resuming with another one
+  raises, naming what differs, instead of mixing two configurations. The last checkpoint is kept after
+  the end, so re-running a finished folder with the same fingerprint trains no step and writes the same
+  ``model/`` again, and with another one is refused;
+- **non-finite values stop training**: every micro-batch's loss terms, and the gradient norm before each
+  optimizer step (unless fp16's gradient scaler, which skips such steps itself, is on), must be finite,
+  else ``FloatingPointError`` names the term and the step, before any parameter is updated with it or a
+  checkpoint is written: the last checkpoint stays the last good state (under a launcher, the process that
+  sees a non-finite loss raises and the launcher ends the others; a gradient norm is the same on all);
 - **metrics** go to ``metrics.jsonl``, one line per ``log_every`` steps (losses averaged over all
   processes, learning rate, validation numbers every ``eval_every`` steps when a ``validate``
   callback is given, tokens the main process has seen, with a fusion the teachers' mean weights per
   task and student layer, and every ``share_every`` steps each loss term's share of the gradient on
-  the student).
+  the student). A resume keeps the lines up to its checkpoint's step and drops a torn last line (no
+  newline: the process was killed while appending it).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -38,7 +57,7 @@ from tqdm import tqdm
 from kvlib.config import TrainConfig
 from kvlib.data import TASKS
 from kvlib.distill import Distiller
-from kvlib.files import write_json
+from kvlib.files import write_json, write_text
 from kvlib.losses import gradient_shares
 
 
@@ -54,20 +73,38 @@ def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]
     return factor
 
 
+def _aside(folder: Path) -> tuple[Path, Path]:
+    """The checkpoint being written (``.tmp``) and the previous one while it is replaced (``.old``)."""
+    return folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+
+
+def _recover_checkpoint(folder: Path) -> None:
+    """Repair what a kill inside ``_save_checkpoint`` left next to ``folder``: when ``folder`` is missing but
+    ``.old`` is complete (killed between the two renames), put it back; remove a stale ``.old`` next to a
+    complete ``folder`` and any ``.tmp`` (a checkpoint not finished, or finished but not renamed)."""
+    tmp, old = _aside(folder)
+    if not (folder / "state.json").exists() and (old / "state.json").exists():
+        os.replace(old, folder)
+    for stale in (tmp, old):
+        if stale.exists():
+            shutil.rmtree(stale)
+
+
 def _save_checkpoint(accelerator: Accelerator, folder: Path, state: dict) -> None:
-    accelerator.wait_for_everyone()
-    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Write a checkpoint to ``.tmp`` (``state.json`` last, atomically), then swap it in; every point at which
+    a kill can stop this sequence is repaired by ``_recover_checkpoint``."""
+    tmp, old = _aside(folder)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "state.json").write_text(json.dumps(state))
+        write_json(tmp / "state.json", state)
         if folder.exists():
             os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
+            os.replace(tmp, folder)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, folder)
     accelerator.wait_for_everyone()
 
 
@@ -79,6 +116,67 @@ def check_validation(distributed_type: DistributedType, validating: bool) -> Non
             "validation during training (eval_every > 0) is not supported under FSDP; set eval_every: 0 in the "
             "student's train section (the evaluate stage measures accuracy after training)"
         )
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists and other values are leaves)."""
+    if not isinstance(tree, dict) or not tree:
+        return {prefix.removesuffix("."): tree}
+    return {k: v for key, value in tree.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+
+
+def _check_fingerprint(saved: dict, fingerprint: dict, checkpoint: Path) -> None:
+    """Refuse to resume from ``checkpoint``, whose ``state.json`` is ``saved``, with another ``fingerprint``
+    (a JSON-able dict; its SHA-256 is compared), naming the keys that differ."""
+    if saved.get("fingerprint_sha256") == _fingerprint_sha256(fingerprint):
+        return
+    old, new = _flatten(saved.get("fingerprint", {})), _flatten(json.loads(json.dumps(fingerprint)))
+
+    def show(tree: dict, key: str) -> str:
+        return json.dumps(tree[key]) if key in tree else "absent"
+
+    differ = [
+        f"{k}: {show(old, k)} -> {show(new, k)}"
+        for k in sorted(old.keys() | new.keys())
+        if show(old, k) != show(new, k)
+    ]
+    raise ValueError(
+        f"{checkpoint} was written by another configuration ({'; '.join(differ)}); delete {checkpoint.parent} "
+        "to train afresh, or restore the params that produced it"
+    )
+
+
+def _fingerprint_sha256(fingerprint: dict) -> str:
+    """SHA-256 (hex) of ``fingerprint`` as canonical JSON (sorted keys)."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _check_no_pickle(checkpoint: Path) -> None:
+    """``accelerate.load_state`` would unpickle ``custom_checkpoint_*.pkl`` with ``weights_only=False`` (code
+    runs); kvlib registers no such object and never writes one, so a checkpoint holding one is refused."""
+    planted = sorted(p.name for p in checkpoint.glob("custom_checkpoint_*.pkl"))
+    if planted:
+        raise ValueError(
+            f"{checkpoint} holds {planted}, which kvlib never writes (loading a pickle can run code); remove them "
+            f"and resume, or delete {checkpoint.parent} to train afresh"
+        )
+
+
+def _metrics_until(text: str, step: int) -> str:
+    """The lines of a ``metrics.jsonl`` text logged at steps <= ``step``; a torn last line (no newline: the
+    process was killed while appending it) is dropped."""
+    lines = text.split("\n")[:-1]  # the part after the last newline is empty or torn
+    return "".join(f"{line}\n" for line in lines if json.loads(line)["step"] <= step)
+
+
+def _non_finite_message(term: str, value: float, step: int, saved: int, cfg: TrainConfig, mixed: str) -> str:
+    """Why training stopped at optimizer ``step``: ``term`` is ``value``; the last checkpoint is at ``saved``."""
+    kept = f"the checkpoint of step {saved} is kept" if saved else "no checkpoint was written"
+    return (
+        f"{term} is {value} at step {step}; training stopped before updating the parameters with it and {kept}. "
+        f"Likely causes: a learning rate too high (lr={cfg.lr}), non-finite teacher KV in a store (re-run the "
+        f"teacher_kv stage), or an fp16 overflow (mixed_precision={mixed}; bf16 has float32's range)"
+    )
 
 
 def _mean_over_processes(accelerator: Accelerator, sums: dict[str, float], count: int) -> dict[str, float]:
@@ -98,11 +196,15 @@ def train(
     stop_at: int | None = None,
     progress: bool = True,
     validate: Callable[[], dict] | None = None,
+    fingerprint: dict | None = None,
 ) -> dict:
     """Train ``distiller`` on examples ``0 .. num_examples - 1``, batched by ``collate(indices)``.
 
     ``validate()`` (e.g. validation accuracy by greedy decoding) runs on the main process every
     ``cfg.eval_every`` steps and at the end; its numbers are logged with a ``val_`` prefix.
+    ``fingerprint``: a JSON-able description of what besides ``cfg`` determines the run (model params,
+    group, seed, data); a checkpoint in ``out_dir`` written with another ``cfg`` or ``fingerprint`` is
+    refused (ValueError). A non-finite loss term or gradient norm raises ``FloatingPointError``.
 
     Writes ``metrics.jsonl``, ``checkpoint/`` and, when all ``cfg.steps`` are done, ``model/`` (the
     student, ``save_pretrained``, gathered from all processes under FSDP) and ``summary.json``. Returns the
@@ -124,19 +226,27 @@ def train(
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
     model, optimizer = accelerator.prepare(distiller, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
     student_params = [p for p in accelerator.unwrap_model(model).student.parameters() if p.requires_grad]
     weights = accelerator.unwrap_model(model).term_weights()
 
     checkpoint, metrics_path = out / "checkpoint", out / "metrics.jsonl"
+    run = {"train": dataclasses.asdict(cfg), "run": fingerprint}
+    identity = {"fingerprint": run, "fingerprint_sha256": _fingerprint_sha256(run)}
+    if accelerator.is_main_process:
+        _recover_checkpoint(checkpoint)
+    accelerator.wait_for_everyone()
     step, tokens = 0, 0
     if (checkpoint / "state.json").exists():
-        accelerator.load_state(str(checkpoint))
         state = json.loads((checkpoint / "state.json").read_text())
+        _check_fingerprint(state, run, checkpoint)
+        _check_no_pickle(checkpoint)
+        accelerator.load_state(str(checkpoint))
+        scheduler.load_state_dict(state["scheduler"])
         step, tokens = state["step"], state["tokens"]
+    saved = step
     if accelerator.is_main_process:  # drop log lines written after the checkpoint we resume from
-        lines = metrics_path.read_text().splitlines() if metrics_path.exists() and step else []
-        metrics_path.write_text("".join(f"{line}\n" for line in lines if json.loads(line)["step"] <= step))
+        kept = _metrics_until(metrics_path.read_text(), step) if step and metrics_path.exists() else ""
+        write_text(metrics_path, kept)
 
     def loader(epoch: int) -> DataLoader:
         g = torch.Generator().manual_seed(cfg.seed + epoch)
@@ -164,17 +274,25 @@ def train(
             with accelerator.accumulate(model):
                 terms = model(batch)
                 fusion_weights = terms.pop("fusion_weights", None)  # (Ls, B, N)
+                values = {name: float(value.detach()) for name, value in terms.items()}
+                for name, value in values.items():
+                    if not math.isfinite(value):
+                        raise FloatingPointError(_non_finite_message(name, value, step + 1, saved, cfg, mixed))
                 if cfg.share_every and (step + 1) % cfg.share_every == 0 and count == 0:
                     shares = gradient_shares(
                         {n: weights[n] * terms[n] for n in weights if n in terms and weights[n] > 0}, student_params
                     )
                 accelerator.backward(terms["loss"])
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+                    if accelerator.scaler is None and not math.isfinite(norm):
+                        raise FloatingPointError(
+                            _non_finite_message("gradient norm", norm, step + 1, saved, cfg, mixed)
+                        )
                 optimizer.step()
                 optimizer.zero_grad()
-            for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + float(value.detach())
+            for name, value in values.items():
+                sums[name] = sums.get(name, 0.0) + value
             count += 1
             tokens += int(batch["attention_mask"].sum())
             if fusion_weights is not None:
@@ -207,7 +325,9 @@ def train(
                 shares = None
             sums, count = {}, 0
             if step % cfg.save_every == 0 or step == cfg.steps or step == stop_at:
-                _save_checkpoint(accelerator, checkpoint, {"step": step, "tokens": tokens})
+                record = {"step": step, "tokens": tokens, "scheduler": scheduler.state_dict()} | identity
+                _save_checkpoint(accelerator, checkpoint, record)
+                saved = step
             if step >= cfg.steps or step == stop_at:
                 break
         epoch += 1

@@ -209,7 +209,7 @@ def test_heads_that_keep_different_numbers_of_slots_round_trip(tmp_path):
     full = batch["kv"]
     batch |= {"positions": positions, "kept": kept, "kv": [tuple(gather_slots(x, positions) for x in p) for p in full]}
     write_store(tmp_path, [batch], SPEC, {})
-    with safe_open(tmp_path / "shard-00000.safetensors", "pt") as f:
+    with safe_open(shard_path(tmp_path, 0), "pt") as f:
         assert f.get_tensor("slots").tolist() == [3, 2]  # the most any head of the example kept
     out = KVStore(tmp_path).batch([0, 1])
     T, F = True, False
@@ -222,6 +222,11 @@ def test_heads_that_keep_different_numbers_of_slots_round_trip(tmp_path):
 # a small synthetic store for corruption and error tests
 
 SPEC = KVSpec(num_layers=2, num_kv_heads=2, head_dim=4)
+
+
+def shard_path(directory, number: int):
+    """The file of shard ``number``, as the manifest names it."""
+    return directory / json.loads((directory / "manifest.json").read_text())["shards"][number]["file"]
 
 
 def synthetic_batch(first: int, lengths: list[int], spec: KVSpec = SPEC) -> dict:
@@ -246,7 +251,7 @@ def small_store(tmp_path):
 def test_opened_shards_are_verified_once_and_cached(small_store):
     store = KVStore(small_store)
     first = store.batch([0, 2])
-    shard = small_store / "shard-00000.safetensors"
+    shard = shard_path(small_store, 0)
     shard.write_bytes(shard.read_bytes()[:100])  # damage it after it was opened
     assert torch.equal(store.batch([0, 2])["kv"][0][0], first["kv"][0][0])
     with pytest.raises(ValueError, match="truncated"):
@@ -256,20 +261,20 @@ def test_opened_shards_are_verified_once_and_cached(small_store):
 def test_rewriting_a_store_removes_its_stale_shards(small_store):
     assert len(list(small_store.glob("shard-*"))) == 2
     write_store(small_store, [synthetic_batch(0, [2])], SPEC, {"run": 2}, shard_size=2)
-    assert [p.name for p in small_store.glob("shard-*")] == ["shard-00000.safetensors"]
+    assert list(small_store.glob("shard-*")) == [shard_path(small_store, 0)]
     store = KVStore(small_store)
     assert len(store) == 1 and store.meta == {"run": 2}
 
 
 def test_a_corrupted_shard_fails_its_checksum(small_store):
-    shard = small_store / "shard-00001.safetensors"
+    shard = shard_path(small_store, 1)
     data = bytearray(shard.read_bytes())
     data[-5] ^= 0xFF  # flip a byte of the tensor data: same size, different content
     shard.write_bytes(bytes(data))
     store = KVStore(small_store)
     store.batch([0, 1])  # shard 0 is intact
     with pytest.raises(
-        ValueError, match=r"shard-00001.safetensors fails its checksum: expected sha256 \w+, got \w+;.*"
+        ValueError, match=r"shard-00001-\w{16}.safetensors fails its checksum: expected sha256 \w+, got \w+;.*"
     ):
         store.batch([2])
     with pytest.raises(ValueError, match="re-run the teacher_kv stage"):
@@ -277,7 +282,7 @@ def test_a_corrupted_shard_fails_its_checksum(small_store):
 
 
 def test_a_truncated_shard_is_reported_as_truncated(small_store):
-    shard = small_store / "shard-00000.safetensors"
+    shard = shard_path(small_store, 0)
     size = shard.stat().st_size
     shard.write_bytes(shard.read_bytes()[: size // 2])
     with pytest.raises(ValueError, match=rf"holds {size // 2} bytes but the manifest records {size}: it is truncated"):
@@ -285,8 +290,8 @@ def test_a_truncated_shard_is_reported_as_truncated(small_store):
 
 
 def test_a_missing_shard_is_reported(small_store):
-    (small_store / "shard-00001.safetensors").unlink()
-    with pytest.raises(ValueError, match="shard-00001.safetensors is missing; re-run the teacher_kv stage"):
+    shard_path(small_store, 1).unlink()
+    with pytest.raises(ValueError, match=r"shard-00001-\w{16}.safetensors is missing; re-run the teacher_kv stage"):
         KVStore(small_store).batch([2])
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.commands.launch import _validate_launch_command, launch_command_parser
@@ -17,8 +18,9 @@ from accelerate.utils.launch import prepare_multi_gpu_env
 from tiny import tiny
 
 from kvlib import project_root
+from kvlib.config import load_params
 from kvlib.distill import Distiller
-from kvlib.launch import main, run_train
+from kvlib.launch import check_launch, main, run_train
 from kvlib.models import load_model
 from kvlib.pipeline import extract_teacher_kv, prepare_data, train_teacher
 
@@ -93,7 +95,7 @@ def test_fsdp_shards_each_decoder_block_of_the_student(monkeypatch):
 
 def test_launch_prefixes_in_the_params_name_committed_configs():
     for params_file in sorted((project_root() / "params").glob("*.yaml")):
-        launch = shlex.split(yaml.safe_load(params_file.read_text())["train"]["launch"])
+        launch = shlex.split(load_params(params_file)["train"]["launch"])
         if "--config_file" in launch:
             assert (project_root() / launch[launch.index("--config_file") + 1]).exists(), params_file.name
 
@@ -164,4 +166,55 @@ def test_bad_launches_are_named(stage, tmp_path):
         run_train(stage | {"launch": f"{sys.executable} -c 'import sys; sys.exit(3)'"}, "G0", 0)
     (tmp_path / "p.yaml").write_text("data: {}\n")
     with pytest.raises(ValueError, match="has no section 'train'"):
+        main(["--params", str(tmp_path / "p.yaml"), "--group", "G0", "--seed", "0"])
+
+
+def accelerate(config: str, *options: str) -> str:
+    return shlex.join(["accelerate", "launch", "--config_file", f"params/accelerate/{config}.yaml", *options])
+
+
+@pytest.mark.parametrize(
+    ("launch", "gpus", "message"),
+    [
+        (accelerate("multi_gpu"), 0, r"starts 8 MULTI_GPU processes per machine but this machine has 0 GPU\(s\); "),
+        (accelerate("fsdp"), 1, r"starts 8 FSDP processes .* has 1 GPU\(s\); .* or add --num_processes 1 to it"),
+        (accelerate("multi_node"), 4, r"starts 8 MULTI_GPU processes per machine but this machine has 4 GPU"),
+        (accelerate("multi_gpu", "--num_processes", "4"), 2, r"starts 4 MULTI_GPU processes per machine"),
+    ],
+)
+def test_a_gpu_launch_config_for_more_gpus_than_the_machine_has_is_refused(monkeypatch, launch, gpus, message):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    with pytest.raises(ValueError, match=message):
+        check_launch(launch)
+
+
+@pytest.mark.parametrize(
+    ("launch", "gpus"),
+    [
+        (accelerate("multi_gpu"), 8),
+        (accelerate("multi_node"), 8),  # 16 processes over 2 machines
+        (accelerate("fsdp", "--num_processes", "2"), 2),
+        (accelerate("single_gpu"), 0),  # one process: accelerate falls back to the CPU
+        (accelerate("multi_gpu", "--cpu"), 0),
+        (f"{sys.executable} -m torch.distributed.run --nproc_per_node 2", 0),  # no accelerate config
+    ],
+)
+def test_a_launch_that_fits_the_machine_is_accepted(monkeypatch, launch, gpus):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    check_launch(launch)
+
+
+def test_a_refused_launch_starts_nothing_and_creates_nothing(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    parameters = {"launch": accelerate("multi_gpu"), "out_root": str(tmp_path / "students")}
+    with pytest.raises(ValueError, match=r"set train.launch to '' \(train in the notebook's kernel\) on a machine"):
+        run_train(parameters, "G0", 0)
+    assert not (tmp_path / "students").exists()
+    with pytest.raises(ValueError, match=r"names --config_file params/accelerate/nope.yaml, which is not in"):
+        check_launch(accelerate("nope"))
+
+
+def test_the_script_refuses_a_train_section_that_is_not_a_mapping(tmp_path):
+    (tmp_path / "p.yaml").write_text("train: [G0]\n")
+    with pytest.raises(ValueError, match=r"p.yaml line 1: section train must be a mapping of its parameters"):
         main(["--params", str(tmp_path / "p.yaml"), "--group", "G0", "--seed", "0"])

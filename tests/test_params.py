@@ -1,17 +1,16 @@
 """The params files: every section validated by the configs it feeds, and the study consistent across stages."""
 
 import pytest
-import yaml
 
 from kvlib import project_root
-from kvlib.config import GroupConfig, ModelConfig
+from kvlib.config import GroupConfig, ModelConfig, check_study, load_params
 
 PARAMS = sorted((project_root() / "params").glob("*.yaml"))
 
 
 @pytest.fixture(params=PARAMS, ids=lambda p: p.name)
 def params(request):
-    return yaml.safe_load(request.param.read_text())
+    return load_params(request.param)
 
 
 def test_models_and_groups_are_valid_configs(params):
@@ -25,6 +24,7 @@ def test_models_and_groups_are_valid_configs(params):
 
 
 def test_the_study_agrees_with_every_stage(params):
+    check_study(params)
     study = params["study"]
     every = [study["control"], *study["groups"]]
     assert sorted(params["train"]["groups"]) == sorted(every)

@@ -277,3 +277,67 @@ def test_time_alignment_needs_offsets_for_span():
 def test_time_alignment_needs_bounds_for_segment():
     with pytest.raises(ValueError, match="'segment' needs bounds_t and bounds_s"):
         time_alignment("segment", right_mask([2], 2), right_mask([2], 2))
+
+
+# Empty sequences (T = 0)
+
+
+def alignment_inputs(kind: str, lengths_t: list[int], Tt: int, lengths_s: list[int], Ts: int):
+    """Right-padded masks of these real lengths and, per kind, offsets (token i covers character i) or one
+    segment per example covering its real tokens."""
+    mask_t, mask_s = right_mask(lengths_t, Tt), right_mask(lengths_s, Ts)
+    if kind == "span":
+        offsets = [
+            torch.stack([torch.arange(m.shape[1]), torch.arange(m.shape[1]) + 1], -1) * m[..., None]
+            for m in (mask_t, mask_s)
+        ]
+        return mask_t, mask_s, {"offsets_t": offsets[0], "offsets_s": offsets[1]}
+    if kind == "segment":
+        bounds = [torch.tensor([[0, n] for n in lengths]) for lengths in (lengths_t, lengths_s)]
+        return mask_t, mask_s, {"bounds_t": bounds[0], "bounds_s": bounds[1]}
+    return mask_t, mask_s, {}
+
+
+@pytest.mark.parametrize("kind", ["global", "segment", "span"])
+@pytest.mark.parametrize(
+    "lengths_t, Tt, lengths_s, Ts",
+    [
+        ([3, 2], 3, [0, 0], 0),  # no student step
+        ([0, 0], 0, [0, 0], 0),  # no step at all
+        ([0, 0], 0, [0, 0], 2),  # no teacher step, student padding only
+        ([3, 0], 3, [2, 0], 2),  # example 1 is padding on both sides
+    ],
+)
+def test_time_alignment_of_empty_sequences_has_zero_rows_for_padding_and_stochastic_rows_elsewhere(
+    kind, lengths_t, Tt, lengths_s, Ts
+):
+    mask_t, mask_s, kwargs = alignment_inputs(kind, lengths_t, Tt, lengths_s, Ts)
+    a = time_alignment(kind, mask_t, mask_s, **kwargs)
+    assert a.shape == (2, Ts, Tt)
+    torch.testing.assert_close(a.sum(-1), mask_s.float())  # float32 sums of <= 3 weights: a few ulp
+
+
+@pytest.mark.parametrize("kind", ["global", "segment", "span"])
+@pytest.mark.parametrize("lengths_t, Tt, lonely", [([3, 0], 3, r"\[1\]"), ([0, 0], 0, r"\[0, 1\]")])
+def test_time_alignment_refuses_examples_with_student_tokens_but_no_teacher_token(kind, lengths_t, Tt, lonely):
+    mask_t, mask_s, kwargs = alignment_inputs(kind, lengths_t, Tt, [2, 2], 2)
+    with pytest.raises(ValueError, match=rf"examples {lonely} have student tokens but no teacher token"):
+        time_alignment(kind, mask_t, mask_s, **kwargs)
+
+
+def test_segment_alignment_refuses_a_segment_with_student_tokens_but_no_teacher_token():
+    b_t, b_s = torch.tensor([[0, 3, 3, 4]]), torch.tensor([[0, 2, 3, 4]])
+    with pytest.raises(ValueError, match=r"segment 1 of example 0 has student tokens but no teacher token"):
+        time_alignment("segment", right_mask([4], 4), right_mask([4], 4), bounds_t=b_t, bounds_s=b_s)
+
+
+def test_segment_resample_of_an_empty_input_gives_zeros_and_onto_no_step_an_empty_tensor():
+    y, mask = segment_resample(torch.randn(2, 0, 4), [[0, 0, 0], [0, 0, 0]], [[0, 1, 3], [0, 2, 2]])
+    assert torch.equal(y, torch.zeros(2, 3, 4)) and mask.tolist() == [[True] * 3, [True, True, False]]
+    y, mask = segment_resample(torch.randn(2, 5, 4), [0, 2, 5], [0, 0, 0])
+    assert y.shape == (2, 0, 4) and mask.shape == (0,)
+
+
+def test_time_alignment_rejects_masks_of_different_batches():
+    with pytest.raises(ValueError, match=r"mask_t holds 2 examples but mask_s 1; give both the same batch"):
+        time_alignment("global", right_mask([2, 1], 2), right_mask([2], 2))

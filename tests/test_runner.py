@@ -1,5 +1,8 @@
 import ast
 import json
+import os
+import stat
+from pathlib import Path
 
 import nbformat
 import papermill
@@ -7,7 +10,9 @@ import pytest
 import yaml
 
 from kvlib import project_root
-from kvlib.runner import check_parameters, notebook_for, parse_sets, run_stage, stage_parameters
+from kvlib.config import OPTIONS, load_params
+from kvlib.files import atomic_write, write_text
+from kvlib.runner import MARKER, check_parameters, notebook_for, parse_sets, run_pipeline, run_stage, stage_parameters
 
 ROOT = project_root()
 PARAMS = sorted((ROOT / "params").glob("*.yaml"))
@@ -37,11 +42,11 @@ def test_every_parameter_is_typed_commented_and_seen_by_papermill(path):
 
 
 @pytest.mark.parametrize("params_file", PARAMS, ids=lambda p: p.name)
-def test_params_sections_name_only_declared_parameters(params_file):
-    params = yaml.safe_load(params_file.read_text())
-    for stage, section in params.items():
-        if stage != "study":
-            check_parameters(notebook_for(stage), section)
+def test_params_sections_pass_every_check_before_running(params_file):
+    params = load_params(params_file)
+    assert not set(params) & set(OPTIONS), "shipped params keep their outputs inside the project"
+    for stage in sorted(set(params) - {"study"}):
+        assert stage_parameters(params_file, stage) == params[stage]
 
 
 def test_dvc_stages_run_their_notebooks_with_their_params_section():
@@ -66,9 +71,13 @@ def test_run_stage_executes_the_notebook_and_exports_html(tmp_path):
     params = tmp_path / "params.yaml"
     sizes = {"teacher_train": 4, "student_train": 4, "validation": 2, "test": 2}
     section = {"sizes": sizes, "out_dir": str(tmp_path / "data"), "report_dir": str(tmp_path / "report")}
-    params.write_text(yaml.safe_dump({"data": section}))
+    params.write_text(yaml.safe_dump({"allow_outside_project": True, "data": section}))
+    stale = tmp_path / "executed" / "01_data-3.failed.ipynb"  # an earlier failed run's notebook
+    stale.parent.mkdir()
+    stale.write_text("{}")
     executed = run_stage("data", params, {"seed": 3}, executed_dir=tmp_path / "executed")
     assert executed == tmp_path / "executed" / "01_data-3.ipynb"
+    assert sorted(p.name for p in executed.parent.iterdir()) == ["01_data-3.html", "01_data-3.ipynb"]
     assert executed.with_suffix(".html").read_text().startswith("<!DOCTYPE html>")
     splits = json.loads((tmp_path / "report" / "splits.json").read_text())
     assert {name: s["n"] for name, s in splits.items()} == sizes
@@ -109,3 +118,58 @@ def test_training_stages_depend_on_every_module_their_results_come_from():
     for name in ("teacher", "teacher_kv", "train_control", "train", "evaluate"):
         body = stages[name].get("do", stages[name])
         assert modules <= set(body["deps"]), f"{name} misses {sorted(modules - set(body['deps']))}"
+
+
+def test_a_failed_stage_keeps_the_previous_notebook_and_its_own_under_a_failed_name(tmp_path):
+    params = tmp_path / "params.yaml"
+    section = {"gsm8k_test": str(tmp_path / "missing.jsonl")}
+    section |= {"out_dir": str(tmp_path / "data"), "report_dir": str(tmp_path / "report")}
+    params.write_text(yaml.safe_dump({"allow_outside_project": True, "data": section}))
+    executed = tmp_path / "executed"
+    executed.mkdir()
+    for name in ("01_data.ipynb", "01_data.html"):
+        (executed / name).write_text("the previous complete run")
+    with pytest.raises(papermill.PapermillExecutionError, match="missing.jsonl"):
+        run_stage("data", params, executed_dir=executed)
+    assert sorted(p.name for p in executed.iterdir()) == ["01_data.failed.ipynb", "01_data.html", "01_data.ipynb"]
+    assert all(
+        (executed / name).read_text() == "the previous complete run" for name in ("01_data.ipynb", "01_data.html")
+    )
+    failed = nbformat.read(executed / "01_data.failed.ipynb", as_version=4)
+    assert any(o.get("output_type") == "error" for c in failed.cells for o in c.get("outputs", []))
+
+
+def test_atomic_writes_give_files_the_mode_a_plain_open_would(tmp_path):
+    old = os.umask(0o027)
+    try:
+        write_text(tmp_path / "a.txt", "x")
+        atomic_write(tmp_path / "b.bin", lambda tmp: Path(tmp).write_bytes(b"x"))
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(old)
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()} == dict.fromkeys(
+        ["a.txt", "b.bin", "plain.txt"], 0o640
+    )
+
+
+def test_the_pipeline_refuses_a_folder_it_did_not_create_and_leaves_it_untouched(tmp_path):
+    (tmp_path / "kvlib").mkdir()
+    (tmp_path / "kvlib" / "mine.py").write_text("my work")
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    with pytest.raises(ValueError, match=r"is not empty and was not created by kvlib.runner .*choose an empty or new"):
+        run_pipeline(ROOT / "params" / "smoke.yaml", tmp_path)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["dvc.yaml", "kvlib", "kvlib/mine.py"]
+    assert (tmp_path / "kvlib" / "mine.py").read_text() == "my work"
+
+
+def test_the_pipeline_marks_its_folder_reuses_it_and_checks_every_section_before_dvc(tmp_path):
+    params = load_params(ROOT / "params" / "smoke.yaml")
+    params["benchmarks"]["threads"] = "2"  # the last stage: found before any training
+    bad = tmp_path / "smoke.yaml"
+    bad.write_text(yaml.safe_dump(params))
+    workdir = tmp_path / "run"
+    for _ in range(2):  # a new folder, then the same folder again (now holding the marker)
+        with pytest.raises(TypeError, match=r"09_benchmarks.ipynb parameter threads must be an integer, got '2'"):
+            run_pipeline(bad, workdir)
+    assert (workdir / MARKER).is_file() and (workdir / "params" / "accelerate" / "multi_gpu.yaml").is_file()
+    assert load_params(workdir / "params" / "default.yaml") == params and not (workdir / ".dvc").exists()
