@@ -6,10 +6,10 @@
 3. ``alignment_share``: un-rotation + time resampling + layer map + projectors + fusion + loss, forward and
    backward (``Distiller.kv_terms`` on the student's detached cache), as a share of the store step (target:
    at most 0.10);
-4. ``rkv_speedup``: R-KV slot selection as ``extract_store`` does it (``teacher_kv.rkv_select``) vs
-   ``rkv_select_loop``, the same rule written token by token (target: at least 50), on the same teacher
-   attention over reasoning traces of ``rkv_tokens`` tokens, with the share of identical selections;
-5. ``store_bytes``: bytes per teacher token of each teacher's store in fp16, and with an R-KV budget, vs the
+4. ``selection_speedup``: KaVa-rule slot selection as ``extract_store`` does it (``teacher_kv.kava_select``) vs
+   ``kava_select_loop``, the same rule written token by token (target: at least 50), on the same teacher
+   attention over reasoning traces of ``select_tokens`` tokens, with the share of identical selections;
+5. ``store_bytes``: bytes per teacher token of each teacher's store in fp16, and with a compression budget, vs the
    same cache dense in fp32;
 6. ``peak_memory``: peak memory of a KV-distillation step (store, online) vs a CE-only step, above what the
    models and optimizer state already hold.
@@ -52,10 +52,10 @@ from kvlib.hf import extract_kv_and_attention, forward_with_kv, kv_spec
 from kvlib.layers import layer_map
 from kvlib.models import REAL_SHAPES, build_model, real_config
 from kvlib.rope import unrotate_keys
-from kvlib.teacher_kv import extract_store, online_batch, rkv_select
+from kvlib.teacher_kv import extract_store, kava_select, online_batch
 from kvlib.text import encode_batch, train_tokenizer
 
-TARGETS = {"kv_store_vs_ce": ("<=", 1.15), "alignment_share": ("<=", 0.10), "rkv_speedup": (">=", 50.0)}
+TARGETS = {"kv_store_vs_ce": ("<=", 1.15), "alignment_share": ("<=", 0.10), "selection_speedup": (">=", 50.0)}
 
 
 @dataclass(frozen=True)
@@ -71,10 +71,10 @@ class BenchConfig:
     repeats: int = 5  # timed rounds after the warm-up round
     kv: dict = field(default_factory=lambda: {"weight": 0.1})  # KVConfig of the distillation step
     fusion: str = "router"  # kvlib.fusion kind, for several teachers
-    budget: int = 32  # R-KV slots per (example, KV head) of the compressed stores and of the R-KV benchmark
-    rkv_traces: int = 4  # reasoning traces R-KV is timed on (generated problems joined, then cut) ...
-    rkv_tokens: int = 512  # ... to this many tokens
-    rkv_window: int = 32  # R-KV's observation window: the last tokens, whose attention decides importance
+    budget: int = 32  # slots kept per (example, KV head) of the compressed stores and of the selection benchmark
+    select_traces: int = 4  # reasoning traces the selection is timed on (generated problems joined, then cut) ...
+    select_tokens: int = 512  # ... to this many tokens
+    select_window: int = 32  # the observation window: the last tokens, whose attention decides importance
     device: str = "auto"  # "auto" = cuda when available, else cpu
     seed: int = 0
 
@@ -91,23 +91,25 @@ class BenchConfig:
             "batch_size",
             "repeats",
             "budget",
-            "rkv_traces",
-            "rkv_tokens",
-            "rkv_window",
+            "select_traces",
+            "select_tokens",
+            "select_window",
         )
-        if self.rkv_window >= self.rkv_tokens:
-            raise ValueError(f"rkv_window ({self.rkv_window}) must be shorter than rkv_tokens ({self.rkv_tokens})")
-        if self.examples < max(self.batch_size, self.rkv_traces):
+        if self.select_window >= self.select_tokens:
+            raise ValueError(
+                f"select_window ({self.select_window}) must be shorter than select_tokens ({self.select_tokens})"
+            )
+        if self.examples < max(self.batch_size, self.select_traces):
             raise ValueError(
                 f"examples ({self.examples}) must be at least one batch ({self.batch_size}) and one problem per "
-                f"R-KV trace ({self.rkv_traces})"
+                f"selection trace ({self.select_traces})"
             )
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         KVConfig(**self.kv)
 
 
-def rkv_select_loop(
+def kava_select_loop(
     attn: list[torch.Tensor],
     keys: list[torch.Tensor],
     observers: torch.Tensor,
@@ -115,7 +117,7 @@ def rkv_select_loop(
     budget: int,
     lam: float = 0.1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference for ``teacher_kv.rkv_select``: the R-KV rule (``kvlib.compress``) written as a loop over
+    """The reference for ``teacher_kv.kava_select``: the KaVa rule (``kvlib.compress``) written as a loop over
     examples, KV heads, layers and key tokens, each token's importance and redundancy computed on its own.
     attn: L of (B, Hq, T, T); keys: L of (B, H, T, D); observers, eligible: (B, T). Returns (B, H, budget)
     positions and kept flags, as ``select_slots`` does."""
@@ -209,7 +211,7 @@ class _Bench:
             self.teachers.append((model, tok))
             self.stores.append(extract_store(model, tok, self.examples, workdir / f"store-{i}", progress=False))
             self.compressed.append(
-                extract_store(model, tok, self.examples, workdir / f"rkv-{i}", budget=cfg.budget, progress=False)
+                extract_store(model, tok, self.examples, workdir / f"compressed-{i}", budget=cfg.budget, progress=False)
             )
         self.kv_cfg = KVConfig(**cfg.kv)
         aligners = [
@@ -301,14 +303,14 @@ def _step_times(bench: _Bench) -> dict:
     return out
 
 
-def _rkv(bench: _Bench) -> dict:
-    """The vectorised R-KV selection vs the per-token loop on the first teacher's attention over ``rkv_traces``
-    reasoning traces of ``rkv_tokens`` tokens (generated problems joined), the last ``rkv_window`` observing."""
+def _selection(bench: _Bench) -> dict:
+    """The vectorised KaVa-rule selection vs the per-token loop on the first teacher's attention over ``select_traces``
+    reasoning traces of ``select_tokens`` tokens (generated problems joined), the last ``select_window`` observing."""
     cfg, cpu = bench.cfg, torch.device("cpu")
     model, tok = bench.teachers[0]
-    texts = ["\n\n".join(e.text for e in bench.examples[i :: cfg.rkv_traces]) for i in range(cfg.rkv_traces)]
+    texts = ["\n\n".join(e.text for e in bench.examples[i :: cfg.select_traces]) for i in range(cfg.select_traces)]
     enc = encode_batch(tok, texts)
-    ids, mask = enc["input_ids"][:, : cfg.rkv_tokens], enc["attention_mask"][:, : cfg.rkv_tokens]
+    ids, mask = enc["input_ids"][:, : cfg.select_tokens], enc["attention_mask"][:, : cfg.select_tokens]
     device = next(model.parameters()).device
     with torch.no_grad():
         kv, attn = extract_kv_and_attention(model, ids.to(device), mask.to(device))
@@ -316,11 +318,11 @@ def _rkv(bench: _Bench) -> dict:
     keys = [unrotate_keys(k, positions, model.config).float().cpu() for k, _ in kv]  # as extract_store scores them
     attn = [a.float().cpu() for a in attn]
     t, length = torch.arange(ids.shape[1])[None], mask.sum(1, keepdim=True)  # (1, T), (B, 1)
-    observers, eligible = (t >= length - cfg.rkv_window) & (t < length), t < length - cfg.rkv_window
+    observers, eligible = (t >= length - cfg.select_window) & (t < length), t < length - cfg.select_window
     args = (attn, keys, observers, eligible, cfg.budget)
-    fast = [_timed(lambda: rkv_select(*args), cpu) for _ in range(cfg.repeats + 1)][1:]
-    slow = [_timed(lambda: rkv_select_loop(*args), cpu) for _ in range(2)]
-    (p1, k1), (p2, k2) = rkv_select(*args), rkv_select_loop(*args)
+    fast = [_timed(lambda: kava_select(*args), cpu) for _ in range(cfg.repeats + 1)][1:]
+    slow = [_timed(lambda: kava_select_loop(*args), cpu) for _ in range(2)]
+    (p1, k1), (p2, k2) = kava_select(*args), kava_select_loop(*args)
     return {
         "vectorised_seconds": statistics.median(fast),
         "loop_seconds": statistics.median(slow),
@@ -402,14 +404,15 @@ def run_benchmarks(params: dict, workdir: str | Path | None = None) -> dict:
         bench = _Bench(cfg, Path(workdir or tmp))
         setup_seconds = time.perf_counter() - start
         steps = _step_times(bench)
-        rkv = _rkv(bench)
+        selection = _selection(bench)
         stores = _store_bytes(bench)
         memory = _peak_memory(bench)
     specs = {name: vars(kv_spec(model.config)) for name, (model, _) in zip(cfg.teachers, bench.teachers)}
     paired = steps.pop("paired")
     ratios = {name: _verdict(name, statistics.median(per_round)) for name, per_round in paired.items()}
     ratios |= {
-        "rkv_speedup": _verdict("rkv_speedup", rkv["value"]) | {"identical_slots": rkv["identical_slots"]},
+        "selection_speedup": _verdict("selection_speedup", selection["value"])
+        | {"identical_slots": selection["identical_slots"]},
         "store_fp16_vs_dense_fp32": {"value": {n: s["fp16_ratio"] for n, s in stores.items()}},
         "store_budget_vs_dense_fp32": {"value": {n: s["budget_ratio"] for n, s in stores.items()}},
     }
@@ -430,7 +433,7 @@ def run_benchmarks(params: dict, workdir: str | Path | None = None) -> dict:
         "ratios": ratios,
         "step_seconds": steps,
         "paired_ratios": paired,
-        "rkv": rkv,
+        "selection": selection,
         "store_bytes": stores,
         "peak_memory": memory,
     }

@@ -119,7 +119,7 @@ def redundancy(keys: Tensor, key_mask: Tensor) -> Tensor:
     return torch.softmax(logits, dim=-1).masked_fill(~eligible[:, None], 0)  # examples with no eligible key: 0
 
 
-def rkv_scores(attn: Tensor, keys: Tensor, query_mask: Tensor, key_mask: Tensor, lam: float = 0.1) -> Tensor:
+def kava_scores(attn: Tensor, keys: Tensor, query_mask: Tensor, key_mask: Tensor, lam: float = 0.1) -> Tensor:
     """KaVa's score ``lam * importance + (1 - lam) * redundancy``, (B, H, T), for keys (B, H, T, D)."""
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam weighs importance against redundancy and must lie in [0, 1], got {lam}")

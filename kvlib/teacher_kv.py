@@ -8,9 +8,11 @@ un-rotated with the teacher's own RoPE settings first (the default: keys of mode
 RoPE are only comparable before rotation).
 
 Optional compression keeps ``budget`` slots per (example, KV head) among the prompt and reasoning
-tokens; the answer tokens are the observers whose attention decides importance (KaVa / R-KV:
-``S = lam * I + (1 - lam) * R`` on each layer, averaged over layers, so one selection per head serves
-every layer), or ``crop`` keeps the most recent ones.
+tokens; the answer tokens are the observers whose attention decides importance. ``kava_layer_mean``
+scores each layer with KaVa's importance + redundancy rule (``S = lam * I + (1 - lam) * R``,
+``kvlib.compress.kava_scores``; not R-KV as its authors' code computes it, see there) and averages the
+scores over layers, so that one selection per (example, KV head) serves every layer (KaVa selects per
+layer and head); ``crop`` keeps the most recent ones.
 
 The store's ``meta`` records what it was extracted from, so that training can refuse a store of other
 examples (positional ids like ``chain-00064`` repeat across splits and data seeds): ``examples_sha256``
@@ -29,14 +31,14 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from kvlib.compress import crop_slots, gather_slots, rkv_scores, select_slots
+from kvlib.compress import crop_slots, gather_slots, kava_scores, select_slots
 from kvlib.data import SEGMENTS, Example, split_sha256
 from kvlib.hf import extract_kv, extract_kv_and_attention, kv_spec
 from kvlib.kvstore import KVStore, write_store
 from kvlib.rope import unrotate_keys
 from kvlib.text import check_lengths, encode_batch
 
-COMPRESSIONS = ("rkv", "crop")
+COMPRESSIONS = ("kava_layer_mean", "crop")
 
 
 def segment_masks(bounds: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -47,12 +49,12 @@ def segment_masks(bounds: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tenso
     return (t >= answer_start) & (t < end), (t < answer_start) & attention_mask.bool()
 
 
-def rkv_select(
+def kava_select(
     attn: list[Tensor], keys: list[Tensor], observers: Tensor, eligible: Tensor, budget: int, lam: float = 0.1
 ) -> tuple[Tensor, Tensor]:
-    """One R-KV selection per (example, KV head) for all layers: each layer's scores (attn L x (B, Hq, T, T),
+    """One selection per (example, KV head) for all layers: each layer's scores (attn L x (B, Hq, T, T),
     keys L x (B, H, T, D)) averaged over layers, then the top ``budget`` eligible slots (``select_slots``)."""
-    scores = torch.stack([rkv_scores(a, k, observers, eligible, lam) for a, k in zip(attn, keys)])  # (L, B, H, T)
+    scores = torch.stack([kava_scores(a, k, observers, eligible, lam) for a, k in zip(attn, keys)])  # (L, B, H, T)
     return select_slots(scores.mean(0), eligible, budget)  # (B, H, M) positions and kept
 
 
@@ -113,7 +115,7 @@ def extract_store(
     batch_size: int = 32,
     pre_rope: bool = True,
     budget: int | None = None,
-    compression: str = "rkv",
+    compression: str = "kava_layer_mean",
     lam: float = 0.1,
     meta: dict | None = None,
     progress: bool = True,
@@ -132,7 +134,7 @@ def extract_store(
     def batches():
         for i in tqdm(range(0, len(examples), batch_size), disable=not progress, desc="teacher KV"):
             chunk = examples[i : i + batch_size]
-            attention = budget is not None and compression == "rkv"
+            attention = budget is not None and compression == "kava_layer_mean"
             enc, kv, attn = run_teacher(model, tokenizer, chunk, pre_rope, attention)
             kv = [(k.float().cpu(), v.float().cpu()) for k, v in kv]  # the store converts to its dtype
             attn = None if attn is None else [a.float().cpu() for a in attn]
@@ -144,7 +146,7 @@ def extract_store(
                 if attn is None:
                     positions, kept = crop_slots(eligible, budget, spec.num_kv_heads)
                 else:
-                    positions, kept = rkv_select(attn, [k for k, _ in kv], observers, eligible, budget, lam)
+                    positions, kept = kava_select(attn, [k for k, _ in kv], observers, eligible, budget, lam)
                 batch["kv"] = [(gather_slots(k, positions), gather_slots(v, positions)) for k, v in kv]
                 batch |= {"positions": positions, "kept": kept}
             yield batch

@@ -1,4 +1,4 @@
-"""The benchmarks' own parts: the per-token R-KV reference, the memory probe and the configuration.
+"""The benchmarks' own parts: the per-token reference of the slot selection, the memory probe and the configuration.
 (The whole suite runs as the smoke pipeline's `benchmarks` stage, tests/test_pipeline_dvc.py.)"""
 
 import sys
@@ -7,14 +7,14 @@ import pytest
 import torch
 from tiny import tiny
 
-from kvlib.benchmark import BenchConfig, peak_bytes, rkv_select_loop, run_benchmarks
+from kvlib.benchmark import BenchConfig, kava_select_loop, peak_bytes, run_benchmarks
 from kvlib.data import generate
-from kvlib.teacher_kv import rkv_select, run_teacher, segment_masks
+from kvlib.teacher_kv import kava_select, run_teacher, segment_masks
 from kvlib.text import train_tokenizer
 
 
 @pytest.mark.parametrize("budget", [5, 150])  # fewer slots than eligible keys, and more than some examples have
-def test_the_per_token_reference_selects_what_the_vectorised_rkv_selects(budget):
+def test_the_per_token_reference_selects_what_the_vectorised_kava_selects(budget):
     examples = generate(5, seed=2, max_operand=9)
     tok = train_tokenizer("char", [e.text for e in examples])
     teacher = tiny("qwen2", num_layers=3, vocab_size=len(tok)).eval()  # 6 query heads over 2 KV heads
@@ -22,8 +22,8 @@ def test_the_per_token_reference_selects_what_the_vectorised_rkv_selects(budget)
     observers, eligible = segment_masks(enc["segment_bounds"], enc["attention_mask"])
     assert (eligible.sum(1) > 5).all() and (eligible.sum(1) < 150).any() and observers.any(1).all()
     keys = [k for k, _ in kv]
-    positions, kept = rkv_select(attn, keys, observers, eligible, budget)
-    ref_positions, ref_kept = rkv_select_loop(attn, keys, observers, eligible, budget)
+    positions, kept = kava_select(attn, keys, observers, eligible, budget)
+    ref_positions, ref_kept = kava_select_loop(attn, keys, observers, eligible, budget)
     assert torch.equal(kept, ref_kept)
     assert torch.equal(positions, ref_positions)
 
@@ -41,8 +41,8 @@ def test_the_cpu_memory_probe_sees_a_temporary_tensor():
         ({"student": "gpt-5"}, r"no real shapes \['gpt-5'\]"),
         ({"teachers": {}}, "at least one real shape"),
         ({"examples": 2, "batch_size": 4}, r"examples \(2\) must be at least one batch \(4\)"),
-        ({"examples": 8, "batch_size": 4, "rkv_traces": 9}, r"one problem per R-KV trace \(9\)"),
-        ({"rkv_tokens": 32, "rkv_window": 32}, "must be shorter than rkv_tokens"),
+        ({"examples": 8, "batch_size": 4, "select_traces": 9}, r"one problem per selection trace \(9\)"),
+        ({"select_tokens": 32, "select_window": 32}, "must be shorter than select_tokens"),
         ({"device": "tpu"}, "device must be"),
         ({"kv": {"wieght": 0.1}}, "wieght"),
         ({"repeats": 0}, "repeats must be > 0"),

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from kvlib.compress import crop_slots, gather_slots, importance, redundancy, rkv_scores, select_slots
+from kvlib.compress import crop_slots, gather_slots, importance, kava_scores, redundancy, select_slots
 from kvlib.models import model_config
 
 # importance
@@ -120,14 +120,14 @@ def test_redundancy_is_invariant_to_key_scale_and_a_lone_key_scores_one():
     assert torch.equal(lone, torch.tensor([0.0, 0, 1, 0, 0]).expand(1, 2, 5))
 
 
-def test_rkv_scores_mix_importance_and_redundancy_by_lam():
+def test_kava_scores_mix_importance_and_redundancy_by_lam():
     attn = torch.softmax(torch.randn(1, 4, 6, 6), dim=-1)
     keys = torch.randn(1, 2, 6, 8)
     q = torch.tensor([[0, 0, 0, 0, 1, 1]]).bool()
     k = ~q
     i, r = importance(attn, q, k, 2), redundancy(keys, k)
-    torch.testing.assert_close(rkv_scores(attn, keys, q, k), 0.1 * i + 0.9 * r)
-    torch.testing.assert_close(rkv_scores(attn, keys, q, k, lam=1.0), i)
+    torch.testing.assert_close(kava_scores(attn, keys, q, k), 0.1 * i + 0.9 * r)
+    torch.testing.assert_close(kava_scores(attn, keys, q, k, lam=1.0), i)
 
 
 # selection
@@ -229,9 +229,9 @@ def test_redundancy_rejects_a_key_mask_of_other_length():
         redundancy(torch.randn(1, 2, 5, 4), torch.ones(1, 6))
 
 
-def test_rkv_scores_rejects_lam_outside_unit_interval():
+def test_kava_scores_rejects_lam_outside_unit_interval():
     with pytest.raises(ValueError, match=r"must lie in \[0, 1\], got 1.5"):
-        rkv_scores(torch.rand(1, 2, 3, 3), torch.randn(1, 2, 3, 4), torch.ones(1, 3), torch.ones(1, 3), lam=1.5)
+        kava_scores(torch.rand(1, 2, 3, 3), torch.randn(1, 2, 3, 4), torch.ones(1, 3), torch.ones(1, 3), lam=1.5)
 
 
 def test_select_slots_rejects_scores_without_a_head_axis():

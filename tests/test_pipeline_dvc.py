@@ -54,9 +54,9 @@ def test_metrics_cover_every_group_and_seed(smoke):
 def test_benchmarks_report_every_ratio(smoke):
     results = json.loads((WORKDIR / "reports" / "benchmarks.json").read_text())
     assert results["config"] == {**results["config"], **smoke["benchmarks"]["config"]}
-    assert set(results["ratios"]) >= {"kv_store_vs_ce", "online_vs_store", "alignment_share", "rkv_speedup"}
+    assert set(results["ratios"]) >= {"kv_store_vs_ce", "online_vs_store", "alignment_share", "selection_speedup"}
     assert {"store_fp16_vs_dense_fp32", "store_budget_vs_dense_fp32"} <= set(results["ratios"])
-    assert results["ratios"]["rkv_speedup"]["identical_slots"] == 1.0
+    assert results["ratios"]["selection_speedup"]["identical_slots"] == 1.0
     assert all(r["value"] > 0 for r in results["ratios"].values() if not isinstance(r["value"], dict))
 
 

@@ -73,7 +73,7 @@ def test_store_holds_the_teachers_pre_rope_kv(setup):
     assert batch["mask"][1, :, :n].all() and not batch["mask"][1, :, n:].any()
 
 
-@pytest.mark.parametrize("compression", ["rkv", "crop"])
+@pytest.mark.parametrize("compression", ["kava_layer_mean", "crop"])
 def test_compressed_store_keeps_the_budget_among_prompt_and_reasoning(setup, tmp_path, compression):
     examples, tok_t, _, teacher, _ = setup
     store = extract_store(teacher, tok_t, examples[:6], tmp_path, budget=7, compression=compression, progress=False)
