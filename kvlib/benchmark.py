@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import send_to_device
 
-from kvlib.config import KVConfig, _positive, from_dict
+from kvlib.config import KVConfig, check_positive, from_dict
 from kvlib.data import TASKS, generate
 from kvlib.distill import Distiller, TeacherAligner, collate_fn
 from kvlib.fusion import make_fusion
@@ -84,7 +84,7 @@ class BenchConfig:
             raise ValueError(f"no real shapes {unknown}; known: {sorted(REAL_SHAPES)}")
         if not self.teachers:
             raise ValueError("teachers must name at least one real shape with its layer count")
-        _positive(
+        check_positive(
             self,
             "student_layers",
             "examples",
@@ -106,7 +106,7 @@ class BenchConfig:
             )
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
-        KVConfig(**self.kv)
+        from_dict(KVConfig, self.kv)
 
 
 def kava_select_loop(
@@ -213,7 +213,7 @@ class _Bench:
             self.compressed.append(
                 extract_store(model, tok, self.examples, workdir / f"compressed-{i}", budget=cfg.budget, progress=False)
             )
-        self.kv_cfg = KVConfig(**cfg.kv)
+        self.kv_cfg = from_dict(KVConfig, cfg.kv)
         aligners = [
             TeacherAligner(
                 store.spec,

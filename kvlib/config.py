@@ -174,7 +174,8 @@ def _choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
-def _positive(obj, *names: str) -> None:
+def check_positive(obj, *names: str) -> None:
+    """Refuse a config whose fields ``names`` are not > 0 (used by every config, ``kvlib.benchmark``'s too)."""
     for name in names:
         if getattr(obj, name) <= 0:
             raise ValueError(f"{name} must be > 0, got {getattr(obj, name)}")
@@ -193,7 +194,7 @@ class ModelShape:
 
     def __post_init__(self):
         _choice("family", self.family, FAMILIES)
-        _positive(self, "num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size")
+        check_positive(self, "num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size")
 
     def build(self, vocab_size: int, seed: int, max_positions: int = 512):
         shape = dataclasses.asdict(self)
@@ -219,7 +220,7 @@ class TrainConfig:
     mixed_precision: str = "auto"  # "auto" = bf16 on GPU, none on CPU; or "no" / "bf16" / "fp16"
 
     def __post_init__(self):
-        _positive(self, "steps", "batch_size", "grad_accum", "lr", "max_grad_norm", "log_every", "save_every")
+        check_positive(self, "steps", "batch_size", "grad_accum", "lr", "max_grad_norm", "log_every", "save_every")
         if min(self.warmup_steps, self.share_every, self.eval_every, self.weight_decay) < 0:
             raise ValueError(
                 f"warmup_steps={self.warmup_steps}, share_every={self.share_every}, eval_every={self.eval_every} "
@@ -250,7 +251,7 @@ class KVConfig:
         _choice("time_align", self.time_align, ALIGNMENTS)
         _choice("layer_map", self.layer_map, LAYER_MAPS)
         _choice("projector", self.projector, PROJECTORS)
-        _positive(self, "relation_heads")
+        check_positive(self, "relation_heads")
         if min(self.weight, self.k_weight, self.v_weight, self.relation_weight) < 0:
             raise ValueError(
                 f"weights must be >= 0, got weight={self.weight}, k_weight={self.k_weight}, "
@@ -290,7 +291,7 @@ class ModelConfig:
             )
         if built and self.train is None:
             raise ValueError("a model built from a shape needs a train section")
-        _positive(self, "max_new_tokens")
+        check_positive(self, "max_new_tokens")
 
     @classmethod
     def from_params(cls, params: dict) -> ModelConfig:
@@ -308,7 +309,7 @@ class FusionConfig:
 
     def __post_init__(self):
         _choice("fusion kind", self.kind, FUSIONS)
-        _positive(self, "temperature")
+        check_positive(self, "temperature")
         if self.weights is not None and self.kind != "fixed":
             raise ValueError(f"fusion weights are used only by kind 'fixed', got them with kind {self.kind!r}")
 

@@ -44,7 +44,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import stat
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, fields
@@ -54,7 +54,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from kvlib.files import atomic_write
+from kvlib.files import atomic_write, sync, temp_file
 from kvlib.hf import KVSpec
 
 FORMAT = "kvlib-kvstore/1"
@@ -193,9 +193,11 @@ def _split(chunk: dict, n: int) -> tuple[dict, dict]:
 def _write_shard(directory: Path, number: int, chunk: dict, start: int) -> dict:
     """Save one shard to a temp file, then move it to its content name; returns its manifest entry."""
     tensors = {k: v.contiguous() for k, v in chunk.items() if k != "ids"}
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".shard-", suffix=".tmp")
-    os.close(fd)
+    tmp = temp_file(directory, "shard")
+    mode = os.stat(tmp).st_mode  # a plain open()'s mode; safetensors recreates the file as 0o600
     save_file(tensors, tmp)
+    os.chmod(tmp, stat.S_IMODE(mode))
+    sync(tmp)
     digest, size = _sha256(Path(tmp)), os.path.getsize(tmp)
     name = f"shard-{number:05d}-{digest[:16]}.safetensors"
     os.replace(tmp, directory / name)
@@ -209,7 +211,7 @@ def _sweep(directory: Path) -> None:
         keep = {entry["file"] for entry in KVStore(directory)._shards}
     except ValueError:  # no store there, or a damaged one: nothing to keep
         keep = set()
-    leftovers = [*directory.glob("shard-*.safetensors"), *directory.glob(".shard-*.tmp")]
+    leftovers = [*directory.glob("shard-*.safetensors"), *directory.glob(".shard.*.tmp")]
     for path in leftovers + list(directory.glob(f".{MANIFEST}.*.tmp")):
         if path.name not in keep:
             path.unlink()

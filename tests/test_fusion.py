@@ -8,7 +8,7 @@ from torch import nn
 from kvlib.fusion import KINDS, fuse, make_fusion, mean_entropy
 
 B, H, T, D, HID, L, TASKS = 2, 2, 6, 4, 8, 3, 2
-FIXED = {n: [float(i + 1) for i in range(n)] for n in (1, 2, 3, 5)}
+FIXED = {n: [(i + 1) / (n * (n + 1) / 2) for i in range(n)] for n in (1, 2, 3, 5)}  # 1 : 2 : ... : n, summing to 1
 
 
 @pytest.fixture(autouse=True)
@@ -34,7 +34,8 @@ def build(kind, n, **kw):
 def without(f, kind, n, j):
     """The same fusion built for the n - 1 teachers other than teacher j."""
     keep = [i for i in range(n) if i != j]
-    g = make_fusion(kind, n - 1, L, HID, TASKS, fixed_weights=[FIXED[n][i] for i in keep] if kind == "fixed" else None)
+    kept = [FIXED[n][i] / sum(FIXED[n][k] for k in keep) for i in keep] if kind == "fixed" else None
+    g = make_fusion(kind, n - 1, L, HID, TASKS, fixed_weights=kept)
     if kind == "task":
         g.logits.data = f.logits.data[..., keep]
     if kind == "router":
@@ -232,9 +233,9 @@ def test_learned_weights_change_after_one_step(kind):
 # golden values per kind
 
 
-def test_fixed_weights_are_normalised_and_default_to_uniform():
+def test_fixed_weights_are_used_as_given_and_default_to_uniform():
     kvs = teachers(3)
-    _, _, _, w = make_fusion("fixed", 3, L, HID, TASKS, fixed_weights=[1.0, 0.0, 3.0])(kvs, [None] * 3, **student())
+    _, _, _, w = make_fusion("fixed", 3, L, HID, TASKS, fixed_weights=[0.25, 0.0, 0.75])(kvs, [None] * 3, **student())
     torch.testing.assert_close(w, torch.tensor([[0.25, 0.0, 0.75]] * B))
     _, _, _, w = make_fusion("fixed", 3, L, HID, TASKS)(kvs, [None] * 3, **student())
     torch.testing.assert_close(w, torch.full((B, 3), 1 / 3))
@@ -435,7 +436,7 @@ def test_entropy_weight_with_another_kind_is_rejected():
         make_fusion("task", 2, L, HID, TASKS, entropy_weight=0.1)
 
 
-@pytest.mark.parametrize("weights", [[1.0], [1.0, -0.5], [0.0, 0.0]])
+@pytest.mark.parametrize("weights", [[1.0], [1.5, -0.5], [0.0, 0.0], [0.6, 0.6], [math.nan, 1.0], [0.5, 0.5, 0.0]])
 def test_bad_fixed_weights_are_rejected(weights):
     with pytest.raises(ValueError, match=r"fixed_weights must be 2 non-negative numbers .* got \["):
         make_fusion("fixed", 2, L, HID, TASKS, fixed_weights=weights)

@@ -10,9 +10,9 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
 from kvlib import project_root
+from kvlib.config import load_params
 from kvlib.runner import run_pipeline
 
 ROOT = project_root()
@@ -23,7 +23,7 @@ WORKDIR = ROOT / "build" / "smoke"
 def smoke():
     shutil.rmtree(WORKDIR, ignore_errors=True)
     run_pipeline(ROOT / "params" / "smoke.yaml", WORKDIR)
-    return yaml.safe_load((ROOT / "params" / "smoke.yaml").read_text())
+    return load_params(ROOT / "params" / "smoke.yaml")
 
 
 def test_every_stage_ran_and_left_its_executed_notebook(smoke):

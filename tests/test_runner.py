@@ -4,14 +4,17 @@ import os
 import stat
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import nbformat
 import papermill
 import pytest
 import yaml
+from test_kvstore import SPEC, synthetic_batch
 
 from kvlib import project_root
 from kvlib.config import OPTIONS, load_params
-from kvlib.files import atomic_write, write_text
+from kvlib.files import atomic_write, save_figure, write_text
+from kvlib.kvstore import write_store
 from kvlib.runner import MARKER, check_parameters, notebook_for, parse_sets, run_pipeline, run_stage, stage_parameters
 
 ROOT = project_root()
@@ -140,16 +143,37 @@ def test_a_failed_stage_keeps_the_previous_notebook_and_its_own_under_a_failed_n
 
 
 def test_atomic_writes_give_files_the_mode_a_plain_open_would(tmp_path):
+    fig = plt.figure()
     old = os.umask(0o027)
     try:
         write_text(tmp_path / "a.txt", "x")
         atomic_write(tmp_path / "b.bin", lambda tmp: Path(tmp).write_bytes(b"x"))
+        save_figure(fig, tmp_path / "c.png")
+        write_store(tmp_path / "kv", [synthetic_batch(0, [3, 2])], SPEC, meta={})
         (tmp_path / "plain.txt").write_text("x")
     finally:
         os.umask(old)
-    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()} == dict.fromkeys(
-        ["a.txt", "b.bin", "plain.txt"], 0o640
-    )
+        plt.close(fig)
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(written) == 6  # four files, the store's manifest and its shard
+    assert {stat.S_IMODE(p.stat().st_mode) for p in written} == {0o640}
+
+
+def test_a_figure_that_fails_to_render_leaves_the_previous_file_and_no_temp_file(tmp_path, monkeypatch):
+    fig = plt.figure()
+    save_figure(fig, tmp_path / "f.png")
+    before = (tmp_path / "f.png").read_bytes()
+    assert before.startswith(b"\x89PNG")
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fig, "savefig", full)
+    with pytest.raises(OSError, match="No space left"):
+        save_figure(fig, tmp_path / "f.png")
+    plt.close(fig)
+    assert (tmp_path / "f.png").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["f.png"]
 
 
 def test_the_pipeline_refuses_a_folder_it_did_not_create_and_leaves_it_untouched(tmp_path):
