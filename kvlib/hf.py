@@ -2,8 +2,11 @@
 
 ``kv_spec`` reads the shape of a model's KV cache from its config: the number of *KV* heads comes
 from ``num_key_value_heads`` (GQA / MQA), never from ``num_attention_heads`` unless the model has no
-separate KV head count (MHA, e.g. GPT-2); the head size is the config's explicit ``head_dim`` when it
-has one (Gemma), else ``hidden_size // num_attention_heads``.
+separate KV head count (MHA, e.g. GPT-2); Falcon, which names it ``num_kv_heads`` and caches one head
+(``multi_query``) or its keys broadcast to every query head (``new_decoder_architecture``), is read
+by its own rule. The head size is the config's explicit ``head_dim`` when it has one (Gemma), else
+``hidden_size // num_attention_heads``. A config without ``num_attention_heads`` (Mamba, RWKV: no
+attention KV cache) is refused.
 
 ``extract_kv`` runs a forward pass and returns the cache as a list of ``(K, V)`` pairs, each
 ``(B, H, T, D)``. Keys come back *after* RoPE, exactly as the model stores them (see
@@ -29,11 +32,25 @@ class KVSpec:
     head_dim: int
 
 
+def decoder_config(config):
+    """The config of the part whose KV cache kvlib reads: ``config`` itself for a decoder-only LM, else its text
+    decoder (``text_config`` of a multimodal model, ``decoder`` of one with a separate text encoder)."""
+    return config.get_text_config(decoder=True)
+
+
 def kv_spec(config) -> KVSpec:
-    """The KV-cache shape of a Hugging Face causal-LM config (multimodal configs: their text part)."""
-    config = config.get_text_config()
-    num_heads = config.num_attention_heads
-    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+    """The KV-cache shape of a Hugging Face causal-LM config (multimodal configs: their text decoder)."""
+    config = decoder_config(config)
+    num_heads = getattr(config, "num_attention_heads", None)
+    if num_heads is None:
+        raise ValueError(
+            f"kvlib distils attention KV caches; {config.model_type} has none (its config has no "
+            "num_attention_heads); pick a transformer teacher or student"
+        )
+    if config.model_type == "falcon":
+        num_kv_heads = falcon_kv_heads(config)
+    else:
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
     if num_heads % num_kv_heads != 0:
         raise ValueError(
             f"config has num_attention_heads={num_heads} and num_key_value_heads={num_kv_heads}; "
@@ -48,6 +65,14 @@ def kv_spec(config) -> KVSpec:
             )
         head_dim = config.hidden_size // num_heads
     return KVSpec(config.num_hidden_layers, num_kv_heads, head_dim)
+
+
+def falcon_kv_heads(config) -> int:
+    """KV heads in a Falcon cache: the new (40B) decoder broadcasts its ``num_kv_heads`` keys to every query head
+    before caching them, multi-query keeps one, and the original multi-head layout ``num_kv_heads`` (= query heads)."""
+    if config.new_decoder_architecture:
+        return config.num_attention_heads
+    return 1 if config.multi_query else config.num_kv_heads
 
 
 class ForwardKV(NamedTuple):
@@ -105,7 +130,14 @@ def forward_with_kv(
     finally:
         for h in handles:
             h.remove()
-    kv = [(layer.keys, layer.values) for layer in out.cache.layers]
+    layers = out.cache.layers
+    if len(layers) != spec.num_layers or not all(getattr(layer, "keys", None) is not None for layer in layers):
+        raise ValueError(
+            f"{model.config.model_type}'s cache has {len(layers)} layers of types "
+            f"{sorted({type(layer).__name__ for layer in layers})}, not {spec.num_layers} attention layers holding "
+            "keys and values; kvlib distils attention KV caches and cannot read hybrid (state-space / recurrent) ones"
+        )
+    kv = [(layer.keys, layer.values) for layer in layers]
     B, T = input_ids.shape
     expected = (B, spec.num_kv_heads, T, spec.head_dim)
     for i, (k, v) in enumerate(kv):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 from tiny import FAMILY_SHAPES, tiny
-from transformers import LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, JambaConfig, LlamaConfig, Qwen2Config
 
 from kvlib.hf import KVSpec, extract_kv, forward_with_kv, kv_spec
 from kvlib.models import build_model, model_config
@@ -121,3 +121,28 @@ def test_extract_kv_skips_the_output_layer_but_not_the_cache(name):
     for (k, v), (k2, v2) in zip(full.kv, extract_kv(model, ids)):
         torch.testing.assert_close(k2, k)
         torch.testing.assert_close(v2, v)
+
+
+def test_extract_kv_refuses_a_hybrid_cache_with_state_space_layers():
+    config = JambaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        attn_layer_period=2,
+        attn_layer_offset=1,
+        expert_layer_period=100,
+        expert_layer_offset=99,
+        num_experts=1,
+        mamba_d_state=4,
+        mamba_d_conv=2,
+        mamba_expand=1,
+        mamba_dt_rank=4,
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(
+        ValueError, match=r"jamba's cache has 2 layers of types \[.*LinearAttentionLayer.*cannot read hybrid"
+    ):
+        extract_kv(model, torch.randint(0, 32, (1, 5)))
