@@ -1,5 +1,8 @@
 """The params files: every section validated by the configs it feeds, and the study consistent across stages."""
 
+import ast
+
+import papermill
 import pytest
 
 from kvlib import project_root
@@ -43,3 +46,21 @@ def test_the_negative_control_shuffles_the_single_teacher_group(params):
     assert groups[nc]["kv"]["shuffle_time"] is True
     assert {k: v for k, v in groups[nc]["kv"].items() if k != "shuffle_time"} == groups["G1"]["kv"]
     assert groups[nc]["teachers"] == groups["G1"]["teachers"]
+
+
+def test_the_notebooks_smoke_defaults_are_the_smoke_params_run_in_build_smoke():
+    """nbval runs each notebook with its defaults on the smoke run in build/smoke/: a default that differs from
+    params/smoke.yaml (other than paths there) would resume that run's checkpoints under another config."""
+    smoke = load_params(project_root() / "params" / "smoke.yaml")
+    for notebook in sorted((project_root() / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        section = smoke[notebook.stem.split("_", 1)[1]]
+        declared = papermill.inspect_notebook(str(notebook))
+        for name, parameter in declared.items():
+            default = ast.literal_eval(parameter["default"])
+            if name not in section:  # an item of a generated stage (name, group, seed)
+                continue
+            expected = section[name]
+            if isinstance(expected, str) and expected.split("/")[0] in ("artifacts", "reports"):
+                expected = f"build/smoke/{expected}"
+            if name != "plan":  # the report's wording may differ
+                assert default == expected, f"{notebook.name}: {name} = {default!r}, smoke.yaml has {expected!r}"
