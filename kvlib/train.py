@@ -34,6 +34,8 @@ trainable computation sits in one ``Distiller.forward``. Notable choices:
   task and student layer, and every ``share_every`` steps each loss term's share of the gradient on
   the student). A resume keeps the lines up to its checkpoint's step and drops a torn last line (no
   newline: the process was killed while appending it).
+- **the final model** is saved to ``model.tmp`` and renamed to ``model``, so that a kill while it is
+  written leaves no half-written ``model/`` (the next run, finding the finished checkpoint, saves it again).
 """
 
 from __future__ import annotations
@@ -338,7 +340,11 @@ def train(
         state = accelerator.get_state_dict(model)  # full parameters, gathered from FSDP shards by every process
     if step >= cfg.steps and accelerator.is_main_process:
         student = {name.removeprefix("student."): t for name, t in state.items() if name.startswith("student.")}
-        accelerator.unwrap_model(model).student.save_pretrained(out / "model", state_dict=student)
+        final, staging = out / "model", out / "model.tmp"  # a reader never sees a half-written model/
+        shutil.rmtree(staging, ignore_errors=True)
+        accelerator.unwrap_model(model).student.save_pretrained(staging, state_dict=student)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
         rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
         summary |= {"final": rows[-1] if rows else {}}
         write_json(out / "summary.json", summary)

@@ -146,6 +146,38 @@ def test_a_run_killed_while_checkpointing_or_logging_resumes_to_the_uninterrupte
     assert rows(tmp_path) == full_rows
 
 
+def killed_saving_the_model(out: Path) -> None:
+    """Train to the end, but die half-way through writing the final model's weights."""
+    torch.set_num_threads(1)
+    distiller, collate = ce_run()
+    save = type(distiller.student).save_pretrained
+
+    def save_half_then_die(self, directory, **kwargs):
+        save(self, directory, **kwargs)
+        weights = Path(directory) / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        die()
+
+    type(distiller.student).save_pretrained = save_half_then_die
+    train(distiller, collate, len(EXAMPLES), CFG, out, progress=False)
+
+
+def test_a_run_killed_while_saving_the_final_model_leaves_no_model_and_the_rerun_saves_it(uninterrupted, tmp_path):
+    child = multiprocessing.get_context("fork").Process(target=killed_saving_the_model, args=(tmp_path,))
+    child.start()
+    child.join(timeout=300)
+    assert child.exitcode == -signal.SIGKILL
+    assert not (tmp_path / "model").exists() and (tmp_path / "model.tmp").exists()  # never a half-written model/
+    resumed, collate = ce_run(seed=7)
+    with one_thread():
+        assert train(resumed, collate, len(EXAMPLES), CFG, tmp_path, progress=False)["finished"]
+    saved = load_file(tmp_path / "model" / "model.safetensors")
+    full, _ = uninterrupted
+    expected = {n.removeprefix("student."): t for n, t in full.state_dict().items() if n.startswith("student.")}
+    assert saved.keys() <= expected.keys() and all(torch.equal(saved[n], expected[n]) for n in saved)
+    assert not (tmp_path / "model.tmp").exists()
+
+
 def test_a_checkpoint_written_by_another_config_is_refused_with_the_fix(tmp_path):
     distiller, collate = ce_run()
     group = {"teachers": ["A"], "kv": {"weight": 1.0}}
