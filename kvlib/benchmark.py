@@ -1,4 +1,4 @@
-"""Speed and memory of KV distillation on real-shaped models: six ratios, each measured side by side in one run.
+"""Speed and memory of KV distillation on real-sized models: six ratios, each measured side by side in one run.
 
 1. ``kv_store_vs_ce``: one training step of KV distillation reading the teachers' KV stores vs one CE-only
    step of the same student on the same examples (target: at most 1.15);
@@ -14,9 +14,20 @@
 6. ``peak_memory``: peak memory of a KV-distillation step (store, online) vs a CE-only step, above what the
    models and optimizer state already hold.
 
-Models are built from the published configs of real checkpoints (``kvlib.models.REAL_SHAPES``), random
-weights, with the layer counts of the params (fewer than the real ones where CPU time or memory needs
-it); each model has its own BPE tokenizer trained on the generated problems, so time alignment is real.
+Which models: ``models: real_shapes`` builds the published configs of real checkpoints
+(``kvlib.models.REAL_SHAPES``), each with its own BPE tokenizer trained on the generated problems, so time
+alignment is real. ``models: study`` measures the study's own models, given in ``study_models`` as the params
+file's ``teacher.teachers`` and ``train.student`` sections give them (the runner passes a notebook only its
+own section, so the benchmarks section names them again; ``tests/test_benchmark.py`` checks that each shipped
+params file agrees with its study sections and uses ``study`` wherever they name a checkpoint by ``path``). Of a
+checkpoint only ``config.json`` and the tokenizer are read: the weights are random, of that exact shape, since
+timing and memory do not depend on trained values. A model kvlib cannot distil (``kvlib.models``' refusals of
+what is no decoder-only causal LM, ``kv_spec``'s, and with ``kv.pre_rope`` the RoPE families ``kvlib.rope``
+cannot undo) and a study model built from a shape (no checkpoint: its timings would measure Python overhead,
+not the KV path) are not measured: the results' ``models`` entry says why, the remaining teachers are
+measured, and without a student or any teacher nothing is (``skipped``). Nothing falls back to real shapes.
+Either way the layer counts are the params' (fewer than the real ones where CPU time or memory needs it).
+
 A training step is what ``kvlib.train`` does per micro-batch: collate (encode; read the store or run the
 teachers), move to the device, forward, backward, clip, AdamW step. Timed variants run interleaved, one
 round after another after a warm-up round, each round starting with another variant; a ratio is the
@@ -43,29 +54,39 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import send_to_device
+from transformers import AutoConfig
 
-from kvlib.config import KVConfig, check_positive, from_dict
+from kvlib.batches import collate_fn
+from kvlib.config import ModelConfig, check_choice, check_positive, from_dict
 from kvlib.data import TASKS, generate
-from kvlib.distill import Distiller, TeacherAligner, collate_fn
+from kvlib.distill import Distiller, KVConfig, TeacherAligner
 from kvlib.fusion import make_fusion
-from kvlib.hf import extract_kv_and_attention, forward_with_kv, kv_spec
+from kvlib.hf import decoder_config, extract_kv_and_attention, forward_with_kv, kv_spec
 from kvlib.layers import layer_map
-from kvlib.models import REAL_SHAPES, build_model, real_config
-from kvlib.rope import unrotate_keys
+from kvlib.models import REAL_SHAPES, _check_causal_lm_config, build_model, check_vocabulary, real_config
+from kvlib.progress import progress
+from kvlib.rope import rope_family, unrotate_keys
 from kvlib.teacher_kv import extract_store, kava_select, online_batch
-from kvlib.text import encode_batch, train_tokenizer
+from kvlib.text import encode_batch, load_tokenizer, train_tokenizer
 
 TARGETS = {"kv_store_vs_ce": ("<=", 1.15), "alignment_share": ("<=", 0.10), "selection_speedup": (">=", 50.0)}
+MODELS = ("real_shapes", "study")
+WEIGHTS = (
+    "random, of each model's exact shape (of a checkpoint only config.json and the tokenizer are read): "
+    "timing and memory need no trained weights"
+)
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """What the benchmarks run on: real shapes (``REAL_SHAPES`` names) with the given layer counts."""
+    """What the benchmarks run on: real shapes or the study's own models, with the given layer counts."""
 
+    models: str = "real_shapes"  # "real_shapes": teachers / student name REAL_SHAPES; "study": keys of study_models
     teachers: dict = field(default_factory=lambda: {"qwen2.5-1.5b": 7, "tinyllama-1.1b": 6})  # name -> layers
     student: str = "qwen2.5-0.5b"
     student_layers: int = 6
-    full_vocab: bool = True  # the checkpoints' vocabulary sizes (else the BPE tokenizers' own)
+    study_models: dict = field(default_factory=dict)  # "study": name -> its teacher.teachers / train.student section
+    full_vocab: bool = True  # the checkpoints' vocabulary sizes (else the tokenizers' own)
     examples: int = 64  # generated problems the stores hold
     batch_size: int = 4
     repeats: int = 5  # timed rounds after the warm-up round
@@ -79,11 +100,32 @@ class BenchConfig:
     seed: int = 0
 
     def __post_init__(self):
-        unknown = sorted(set(self.teachers) - set(REAL_SHAPES) | ({self.student} - set(REAL_SHAPES)))
-        if unknown:
-            raise ValueError(f"no real shapes {unknown}; known: {sorted(REAL_SHAPES)}")
+        check_choice("models", self.models, MODELS)
         if not self.teachers:
-            raise ValueError("teachers must name at least one real shape with its layer count")
+            raise ValueError("teachers must name at least one teacher with its layer count")
+        layers = {n: v for n, v in self.teachers.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
+        if layers:
+            raise ValueError(f"teachers maps each teacher to the layers measured (an integer >= 1); got {layers}")
+        if self.models == "real_shapes":
+            unknown = sorted(set(self.teachers) - set(REAL_SHAPES) | ({self.student} - set(REAL_SHAPES)))
+            if unknown:
+                raise ValueError(f"no real shapes {unknown}; known: {sorted(REAL_SHAPES)} (or set models: study)")
+            if self.study_models:
+                raise ValueError("study_models are measured only with models: study; set it, or remove study_models")
+        else:
+            names = [*self.teachers, self.student]
+            missing, unused = sorted(set(names) - set(self.study_models)), sorted(set(self.study_models) - set(names))
+            if self.student in self.teachers or missing or unused:
+                raise ValueError(
+                    f"with models: study, teachers {sorted(self.teachers)} and the student {self.student!r} name "
+                    f"distinct models of study_models {sorted(self.study_models)}; missing there: {missing}, "
+                    f"named by neither: {unused}"
+                )
+            for name, section in self.study_models.items():
+                try:
+                    ModelConfig.from_params(section)
+                except (TypeError, ValueError) as e:
+                    raise type(e)(f"study_models.{name}: {e}") from e
         check_positive(
             self,
             "student_layers",
@@ -189,31 +231,110 @@ def _timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def checkpoint_config(path: str | Path, pre_rope: bool):
+    """``(config, None)``: the config.json of the local checkpoint folder ``path``; or ``(None, reason)`` where
+    kvlib cannot distil that model (no decoder-only causal LM, no attention KV cache, or with ``pre_rope`` a
+    RoPE that ``kvlib.rope`` cannot undo). A folder without config.json raises ValueError."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path} holds no config.json; point the study model's path at a local checkpoint folder")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        _check_causal_lm_config(config, path)
+        kv_spec(config)
+        if pre_rope:
+            rope_family(config)
+    except ValueError as e:
+        return None, str(e)
+    return config, None
+
+
+def _resolve(cfg: BenchConfig, name: str, layers: int, kv: KVConfig, texts: list[str], bpe_vocab: int):
+    """``(config, tokenizer, entry)`` of the benchmark model ``name`` at ``layers`` layers, ``entry`` naming its
+    source and shape; or ``(None, None, entry)`` whose ``reason`` says why it is not measured. A real shape gets a
+    BPE tokenizer of ``bpe_vocab`` tokens trained on ``texts``; a checkpoint its own tokenizer."""
+    if cfg.models == "real_shapes":
+        tokenizer = train_tokenizer("bpe", texts, bpe_vocab)
+        config = real_config(name, layers, REAL_SHAPES[name][8] if cfg.full_vocab else len(tokenizer))
+        source, depth = f"real shape {name}", REAL_SHAPES[name][3]
+    else:
+        model = ModelConfig.from_params(cfg.study_models[name])
+        if not model.path:
+            reason = (
+                f"{name} is built from a shape in the study, not a checkpoint named by path: its timings would "
+                "measure Python overhead, not the KV path; benchmark real sizes with models: real_shapes"
+            )
+            return None, None, {"source": f"shape {asdict(model.shape)}", "reason": reason}
+        config, reason = checkpoint_config(model.path, kv.pre_rope)
+        if reason:
+            return None, None, {"source": model.path, "reason": reason}
+        tokenizer, text, source = load_tokenizer(model.path), decoder_config(config), model.path
+        depth = text.num_hidden_layers
+        if layers > depth:
+            where = "student_layers" if name == cfg.student else f"teachers.{name}"
+            raise ValueError(f"{name} ({model.path}) has {depth} layers; {where} must be at most {depth}, got {layers}")
+        text.num_hidden_layers = layers
+        if isinstance(getattr(text, "layer_types", None), list):
+            text.layer_types = text.layer_types[:layers]  # one entry per layer
+        if not cfg.full_vocab:
+            text.vocab_size = len(tokenizer)
+    text, spec = decoder_config(config), kv_spec(config)
+    entry = {
+        "source": source,
+        "model_type": text.model_type,
+        "num_hidden_layers": spec.num_layers,
+        "checkpoint_layers": depth,  # the real model's depth
+        "num_attention_heads": text.num_attention_heads,
+        "num_key_value_heads": spec.num_kv_heads,
+        "head_dim": spec.head_dim,
+        "hidden_size": text.hidden_size,
+        "vocab_size": text.vocab_size,
+    }
+    return config, tokenizer, entry
+
+
+def _build(config, tokenizer, seed: int, entry: dict):
+    """A model of ``config`` with random weights in float32 (a checkpoint's config may name bf16), as the study
+    loads a checkpoint; its parameter count goes into ``entry``."""
+    model = build_model(config, seed).float()
+    check_vocabulary(model, tokenizer)
+    entry["parameters"] = sum(p.numel() for p in model.parameters())
+    return model
+
+
 class _Bench:
     """Models, tokenizers, stores and the three kinds of training step, built once."""
 
-    def __init__(self, cfg: BenchConfig, workdir: Path):
-        self.cfg, self.device = cfg, _device(cfg)
+    def __init__(self, cfg: BenchConfig, examples: list, student: tuple, teachers: list[tuple], workdir: Path):
+        """``student``: ``(config, tokenizer, entry)``; ``teachers``: ``(name, config, tokenizer, entry)`` each."""
+        self.cfg, self.device, self.examples = cfg, _device(cfg), examples
         gpu = self.device.type == "cuda"
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if gpu else contextlib.nullcontext()
-        self.examples = generate(cfg.examples, seed=cfg.seed, max_operand=9)
-        texts = [e.text for e in self.examples]
-        self.tok_s = train_tokenizer("bpe", texts, 384)
-        vocab = REAL_SHAPES[cfg.student][8] if cfg.full_vocab else len(self.tok_s)
-        self.student = build_model(real_config(cfg.student, cfg.student_layers, vocab), cfg.seed).to(self.device)
-        spec_s = kv_spec(self.student.config)
-        self.teachers, self.stores, self.compressed = [], [], []
-        for i, (name, layers) in enumerate(cfg.teachers.items()):
-            tok = train_tokenizer("bpe", texts, 512 + 128 * i)  # each teacher its own tokenizer
-            vocab = REAL_SHAPES[name][8] if cfg.full_vocab else len(tok)
-            model = build_model(real_config(name, layers, vocab), cfg.seed + 1 + i).eval()
-            model = model.to(self.device, torch.bfloat16 if gpu else torch.float32)
-            self.teachers.append((model, tok))
-            self.stores.append(extract_store(model, tok, self.examples, workdir / f"store-{i}", progress=False))
-            self.compressed.append(
-                extract_store(model, tok, self.examples, workdir / f"compressed-{i}", budget=cfg.budget, progress=False)
-            )
         self.kv_cfg = from_dict(KVConfig, cfg.kv)
+        config, self.tok_s, entry = student
+        self.student = _build(config, self.tok_s, cfg.seed, entry).to(self.device)
+        spec_s = kv_spec(self.student.config)
+        self.names, self.teachers, self.stores, self.compressed = [], [], [], []
+        pre_rope = self.kv_cfg.pre_rope
+        for i, (name, config, tok, entry) in enumerate(progress(teachers, desc="benchmark teachers and stores")):
+            model = _build(config, tok, cfg.seed + 1 + i, entry).eval()
+            model = model.to(self.device, torch.bfloat16 if gpu else torch.float32)
+            self.names.append(name)
+            self.teachers.append((model, tok))
+            self.stores.append(
+                extract_store(model, tok, examples, workdir / f"store-{i}", pre_rope=pre_rope, progress=False)
+            )
+            self.compressed.append(
+                extract_store(
+                    model,
+                    tok,
+                    examples,
+                    workdir / f"compressed-{i}",
+                    pre_rope=pre_rope,
+                    budget=cfg.budget,
+                    progress=False,
+                )
+            )
         aligners = [
             TeacherAligner(
                 store.spec,
@@ -226,7 +347,7 @@ class _Bench:
         ]
         fusion = None
         if len(aligners) > 1:
-            hidden = self.student.config.hidden_size
+            hidden = decoder_config(self.student.config).hidden_size
             fusion = make_fusion(cfg.fusion, len(aligners), spec_s.num_layers, hidden, len(TASKS))
         self.kv_model = Distiller(self.student, aligners, self.kv_cfg, fusion).to(self.device)
         self.ce_model = Distiller(self.student)
@@ -241,7 +362,7 @@ class _Bench:
     def online(self, indices: list[int]) -> dict:
         batch = self.collate_ce(indices)
         chunk = [self.examples[i] for i in indices]
-        batch["teachers"] = [online_batch(model, tok, chunk) for model, tok in self.teachers]
+        batch["teachers"] = [online_batch(model, tok, chunk, self.kv_cfg.pre_rope) for model, tok in self.teachers]
         return batch
 
     def step(self, model: Distiller, batch: dict) -> None:
@@ -285,7 +406,7 @@ def _step_times(bench: _Bench) -> dict:
     student tokens per second, and the paired ratios: per round, then the median over rounds."""
     times: dict[str, list[float]] = {}
     tokens = []
-    for round_ in range(bench.cfg.repeats + 1):
+    for round_ in progress(range(bench.cfg.repeats + 1), desc="benchmark rounds (1 warm-up)"):
         indices = bench.batch(round_)
         runs = list((bench.variants(indices) | {"alignment": bench.alignment(indices)}).items())
         for name, run in runs[round_ % len(runs) :] + runs[: round_ % len(runs)]:  # each round starts elsewhere
@@ -315,13 +436,17 @@ def _selection(bench: _Bench) -> dict:
     with torch.no_grad():
         kv, attn = extract_kv_and_attention(model, ids.to(device), mask.to(device))
     positions = torch.arange(ids.shape[1], device=device)
-    keys = [unrotate_keys(k, positions, model.config).float().cpu() for k, _ in kv]  # as extract_store scores them
+    if bench.kv_cfg.pre_rope:  # as extract_store scores them
+        kv = [(unrotate_keys(k, positions, model.config), v) for k, v in kv]
+    keys = [k.float().cpu() for k, _ in kv]
     attn = [a.float().cpu() for a in attn]
     t, length = torch.arange(ids.shape[1])[None], mask.sum(1, keepdim=True)  # (1, T), (B, 1)
     observers, eligible = (t >= length - cfg.select_window) & (t < length), t < length - cfg.select_window
     args = (attn, keys, observers, eligible, cfg.budget)
     fast = [_timed(lambda: kava_select(*args), cpu) for _ in range(cfg.repeats + 1)][1:]
-    slow = [_timed(lambda: kava_select_loop(*args), cpu) for _ in range(2)]
+    slow = [
+        _timed(lambda: kava_select_loop(*args), cpu) for _ in progress(range(2), desc="benchmark per-token selection")
+    ]
     (p1, k1), (p2, k2) = kava_select(*args), kava_select_loop(*args)
     return {
         "vectorised_seconds": statistics.median(fast),
@@ -335,7 +460,7 @@ def _selection(bench: _Bench) -> dict:
 
 def _store_bytes(bench: _Bench) -> dict:
     out = {}
-    for (name, _), store, small in zip(bench.cfg.teachers.items(), bench.stores, bench.compressed):
+    for name, store, small in zip(bench.names, bench.stores, bench.compressed):
         full, cut = store.footprint(), small.footprint()
         out[name] = {
             "spec": vars(store.spec),
@@ -378,9 +503,11 @@ def _peak_memory(bench: _Bench) -> dict:
         libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: tensors above 64 KiB are mapped and unmapped
         libc.mallopt(-1, 64 * 1024)  # M_TRIM_THRESHOLD: give freed heap back
     out = {}
-    for name, run in bench.variants(bench.batch(0)).items():
+    for name, run in progress(bench.variants(bench.batch(0)).items(), desc="benchmark peak memory"):
         run()  # a first call after the allocator change
         out[f"{name}_bytes"] = peak_bytes(run, bench.device)
+    if out["ce_bytes"] <= 0:  # a tiny student: the step fits in memory already held
+        return out | {"no_ratios": "the CE step raised peak memory by nothing measurable"}
     out["kv_store_vs_ce"] = out["kv_store_bytes"] / out["ce_bytes"]
     out["kv_online_vs_ce"] = out["kv_online_bytes"] / out["ce_bytes"]
     return out
@@ -395,19 +522,31 @@ def _verdict(name: str, value: float) -> dict:
 
 
 def run_benchmarks(params: dict, workdir: str | Path | None = None) -> dict:
-    """Run all six benchmarks with ``BenchConfig`` ``params``; returns the results (JSON-ready).
+    """Run all six benchmarks with ``BenchConfig`` ``params``; returns the results (JSON-ready), whose ``models``
+    name what was measured (source and shape of each model) or why a model was not (``reason``); without a
+    measurable student or teacher the results hold ``skipped`` instead of measurements.
 
     The KV stores are written to ``workdir`` (default: a temporary folder, removed afterwards)."""
     cfg = from_dict(BenchConfig, params)
+    start = time.perf_counter()
+    examples = generate(cfg.examples, seed=cfg.seed, max_operand=9)
+    texts, kv = [e.text for e in examples], from_dict(KVConfig, cfg.kv)
+    student = _resolve(cfg, cfg.student, cfg.student_layers, kv, texts, 384)
+    teachers = {
+        n: _resolve(cfg, n, layers, kv, texts, 512 + 128 * i) for i, (n, layers) in enumerate(cfg.teachers.items())
+    }
+    models = {"student": student[2], "teachers": {n: t[2] for n, t in teachers.items()}, "weights": WEIGHTS}
+    head = {"device": describe_device(_device(cfg)), "config": asdict(cfg), "models": models}
+    measured = [(n, *t) for n, t in teachers.items() if t[0] is not None]
+    if student[0] is None or not measured:
+        return head | {"skipped": "nothing measured: the student and at least one teacher are needed (see models)"}
     with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        bench = _Bench(cfg, Path(workdir or tmp))
+        bench = _Bench(cfg, examples, student, measured, Path(workdir or tmp))
         setup_seconds = time.perf_counter() - start
         steps = _step_times(bench)
         selection = _selection(bench)
         stores = _store_bytes(bench)
         memory = _peak_memory(bench)
-    specs = {name: vars(kv_spec(model.config)) for name, (model, _) in zip(cfg.teachers, bench.teachers)}
     paired = steps.pop("paired")
     ratios = {name: _verdict(name, statistics.median(per_round)) for name, per_round in paired.items()}
     ratios |= {
@@ -416,19 +555,9 @@ def run_benchmarks(params: dict, workdir: str | Path | None = None) -> dict:
         "store_fp16_vs_dense_fp32": {"value": {n: s["fp16_ratio"] for n, s in stores.items()}},
         "store_budget_vs_dense_fp32": {"value": {n: s["budget_ratio"] for n, s in stores.items()}},
     }
-    if "skipped" not in memory:
+    if "kv_store_vs_ce" in memory:
         ratios["peak_memory_kv_store_vs_ce"] = {"value": memory["kv_store_vs_ce"]}
-    return {
-        "device": describe_device(bench.device),
-        "config": asdict(cfg),
-        "models": {
-            "student": {"shape": cfg.student, **vars(kv_spec(bench.student.config))},
-            "teachers": {n: {"shape": n, **s} for n, s in specs.items()},
-            "student_parameters": sum(p.numel() for p in bench.student.parameters()),
-            "teacher_parameters": {
-                n: sum(p.numel() for p in m.parameters()) for n, (m, _) in zip(specs, bench.teachers)
-            },
-        },
+    return head | {
         "setup_seconds": round(setup_seconds, 1),
         "ratios": ratios,
         "step_seconds": steps,

@@ -29,13 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from kvlib.fusion import KINDS as FUSIONS
-from kvlib.fusion import check_fixed_weights
-from kvlib.layers import KINDS as LAYER_MAPS
-from kvlib.losses import KINDS as KV_LOSSES
 from kvlib.models import FAMILIES, build_model, model_config
-from kvlib.projectors import KINDS as PROJECTORS
-from kvlib.resample import ALIGNMENTS
 
 OPTIONS = ("allow_outside_project",)  # top-level booleans of a params file, not sections (see kvlib.runner)
 STUDY_KEYS = ("teachers", "control", "groups", "seeds")
@@ -169,7 +163,7 @@ def from_dict(cls, values: dict):
     return cls(**built)
 
 
-def _choice(name: str, value, choices) -> None:
+def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
@@ -193,7 +187,7 @@ class ModelShape:
     hidden_size: int
 
     def __post_init__(self):
-        _choice("family", self.family, FAMILIES)
+        check_choice("family", self.family, FAMILIES)
         check_positive(self, "num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size")
 
     def build(self, vocab_size: int, seed: int, max_positions: int = 512):
@@ -226,37 +220,7 @@ class TrainConfig:
                 f"warmup_steps={self.warmup_steps}, share_every={self.share_every}, eval_every={self.eval_every} "
                 f"and weight_decay={self.weight_decay} must be >= 0"
             )
-        _choice("mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
-
-
-@dataclass(frozen=True)
-class KVConfig:
-    """How teacher KV is aligned to the student and weighed against CE."""
-
-    weight: float = 1.0  # weight of the KV loss in the total loss (CE has weight 1)
-    loss: str = "mse"
-    k_weight: float = 1.0
-    v_weight: float = 1.0
-    normalize: bool = True  # divide by the target's per-layer std
-    pre_rope: bool = True  # match keys before RoPE (un-rotate the student's; the store holds pre-RoPE teacher keys)
-    time_align: str = "span"
-    layer_map: str = "uniform"
-    projector: str = "linear"
-    relation_weight: float = 0.0  # weight of the MiniLMv2 relation loss (0 = off)
-    relation_heads: int = 1
-    shuffle_time: bool = False  # negative control: teacher KV shuffled in time within each example
-
-    def __post_init__(self):
-        _choice("loss", self.loss, KV_LOSSES)
-        _choice("time_align", self.time_align, ALIGNMENTS)
-        _choice("layer_map", self.layer_map, LAYER_MAPS)
-        _choice("projector", self.projector, PROJECTORS)
-        check_positive(self, "relation_heads")
-        if min(self.weight, self.k_weight, self.v_weight, self.relation_weight) < 0:
-            raise ValueError(
-                f"weights must be >= 0, got weight={self.weight}, k_weight={self.k_weight}, "
-                f"v_weight={self.v_weight}, relation_weight={self.relation_weight}"
-            )
+        check_choice("mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
 
 
 @dataclass(frozen=True)
@@ -267,7 +231,7 @@ class TokenizerConfig:
     vocab_size: int | None = 384
 
     def __post_init__(self):
-        _choice("tokenizer kind", self.kind, ("char", "bpe"))
+        check_choice("tokenizer kind", self.kind, ("char", "bpe"))
 
 
 @dataclass(frozen=True)
@@ -295,45 +259,6 @@ class ModelConfig:
 
     @classmethod
     def from_params(cls, params: dict) -> ModelConfig:
-        return from_dict(cls, params)
-
-
-@dataclass(frozen=True)
-class FusionConfig:
-    """How several teachers' aligned KV are combined per layer (see ``kvlib.fusion``)."""
-
-    kind: str = "fixed"
-    weights: list[float] | None = None  # kind fixed: one per teacher, summing to 1 (default uniform)
-    temperature: float = 1.0
-    entropy_weight: float = 0.0  # router only: > 0 pushes toward specialised, < 0 toward diverse
-
-    def __post_init__(self):
-        _choice("fusion kind", self.kind, FUSIONS)
-        check_positive(self, "temperature")
-        if self.weights is not None and self.kind != "fixed":
-            raise ValueError(f"fusion weights are used only by kind 'fixed', got them with kind {self.kind!r}")
-
-
-@dataclass(frozen=True)
-class GroupConfig:
-    """One experiment group: which teachers (none = CE only), how their KV is used, how they are fused."""
-
-    teachers: list[str]
-    kv: KVConfig | None = None
-    fusion: FusionConfig | None = None
-
-    def __post_init__(self):
-        if bool(self.teachers) != (self.kv is not None):
-            raise ValueError(f"a group with teachers {self.teachers} needs kv settings, and a group without none")
-        if len(self.teachers) > 1 and self.fusion is None:
-            raise ValueError(f"a group with teachers {self.teachers} needs fusion settings")
-        if len(set(self.teachers)) != len(self.teachers):
-            raise ValueError(f"teachers {self.teachers} are listed twice")
-        if self.fusion is not None and self.fusion.weights is not None:
-            check_fixed_weights(self.fusion.weights, len(self.teachers))
-
-    @classmethod
-    def from_params(cls, params: dict) -> GroupConfig:
         return from_dict(cls, params)
 
 

@@ -1,4 +1,4 @@
-"""The embedded reasoning task, its splits, and the GSM8K-format loader.
+"""The embedded reasoning task, its splits, the GSM8K-format loader, and the data stage (``prepare_data``).
 
 An ``Example`` is a question, a chain of thought and an integer answer. Its ``text`` is
 ``"Q: {question}\\nA: {reasoning}\\n#### {answer}"``, and ``spans`` gives the character ranges of its three
@@ -23,8 +23,8 @@ is the answer. The number of operations is the number of equations.
 
 Notable choices:
 
-- the question alone determines the problem, and questions are pairwise distinct across all splits: one
-  pool is drawn, then cut into consecutive pieces, so no question appears in two splits;
+- the question alone determines the problem, and questions are pairwise distinct across all generated
+  splits: one pool is drawn, then cut into consecutive pieces, so no question appears in two splits;
 - examples are drawn in a fixed cycle over (task, style), so every prefix, and so every split, holds them
   in equal shares (shuffle before training);
 - a split's hash is the sha256 of exactly the bytes ``save_jsonl`` writes.
@@ -33,7 +33,17 @@ GSM8K (Cobbe et al. 2021, https://arxiv.org/abs/2110.14168): one JSON object per
 ``answer``, the answer being the worked solution (with ``<<48/2=24>>`` annotations) then ``#### 72``.
 The loaders read UTF-8 only and name file and line of any bad line (a byte that is not UTF-8, invalid JSON, a
 final answer that is no integer); a comma in a number is a thousands separator only (``1,000``, not ``1,00``);
-a GSM8K file without any example is refused, never read as an empty test split.
+a GSM8K file without any example is refused, never read as an empty split.
+
+The data stage (``prepare_data``) writes the splits ``SPLITS``. Each is generated, or, when ``files`` names
+it, read whole from a GSM8K-format file (real training data as well as a real test set), its worked
+solution becoming the reasoning. A split read from a file is taken as it is: its size in ``sizes`` must
+equal its number of examples (a mismatch is refused, never silently cut or padded), so the sizes in the
+params are the sizes of the run. Only the splits not read from a file are generated, from one pool in
+``SPLITS`` order. Two splits may not share a file, nor a question (compared after Unicode NFKC
+normalisation, case folding and collapsing whitespace): a test question among the training data would
+leak the test. ``splits.json`` records for each split its size, sha256, tasks and source (the file's path
+as given and the sha256 of its bytes, or the generator's seed and max_operand).
 """
 
 from __future__ import annotations
@@ -42,10 +52,11 @@ import hashlib
 import json
 import random
 import re
+import unicodedata
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from kvlib.files import write_text
+from kvlib.files import write_json, write_text
 
 SEGMENTS = ("prompt", "reasoning", "answer")
 TASKS = ("chain", "compare")
@@ -389,7 +400,7 @@ def load_gsm8k(path: str | Path) -> list[Example]:
             Example(f"gsm8k-{lineno}", "gsm8k", "gsm8k", obj["question"].strip(), reasoning.strip(), answer)
         )
     if not examples:
-        raise ValueError(f"{path} holds no GSM8K example (it is empty or blank); point gsm8k_test at a GSM8K JSONL")
+        raise ValueError(f"{path} holds no GSM8K example (it is empty or blank); point data.files at a GSM8K JSONL")
     return examples
 
 
@@ -413,3 +424,104 @@ def parse_answer(generated: str) -> str | None:
     start = generated.find("#### ")
     m = _FINAL.match(generated, start + 5) if start >= 0 else None
     return None if m is None or m.group(2) else _canonical(m.group(1))
+
+
+SPLITS = ("teacher_train", "student_train", "validation", "test")
+
+
+def _normalised(question: str) -> str:
+    """The form in which questions of two splits are compared: NFKC, case-folded, whitespace collapsed."""
+    return " ".join(unicodedata.normalize("NFKC", question).casefold().split())
+
+
+def _read_files(files: dict, root: Path) -> tuple[dict[str, list[Example]], dict[str, dict]]:
+    """The splits ``files`` names, read: split -> examples and split -> source; every path is checked first."""
+    unknown = sorted(set(files) - set(SPLITS))
+    if unknown:
+        raise ValueError(f"files names unknown splits {unknown}; name splits of {list(SPLITS)}")
+    seen = {}  # resolved path -> split
+    for split, given in files.items():
+        if not isinstance(given, str) or not given:
+            raise ValueError(
+                f"files.{split} must be the path of a GSM8K-format JSONL, got {given!r}; "
+                "give a path, or leave the split out of files to generate it"
+            )
+        path = (root / given).resolve()
+        if not path.is_file():
+            raise ValueError(f"files.{split}: {path} is no file; put the GSM8K-format JSONL there or fix the path")
+        if path in seen:
+            raise ValueError(
+                f"files.{seen[path]} and files.{split} are the same file {path}; give each split its own file "
+                "(cut the GSM8K file into disjoint parts first)"
+            )
+        seen[path] = split
+    examples, sources = {}, {}
+    for split, given in files.items():
+        with open(root / given, "rb") as f:
+            sources[split] = {"file": given, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+        examples[split] = load_gsm8k(root / given)
+    return examples, sources
+
+
+def _where(split: str, e: Example, source: dict) -> str:
+    """``file:line (split)`` of an example read from a file, else its generated split and id."""
+    if "file" in source:
+        return f"{source['file']}:{e.id.removeprefix('gsm8k-')} ({split})"
+    return f"the generated {split} split ({e.id})"
+
+
+def _refuse_shared_questions(splits: dict[str, list[Example]], sources: dict[str, dict]) -> None:
+    """ValueError naming the first question (normalised) that two splits share, and where each holds it."""
+    first = {}  # normalised question -> (split, example) that holds it first
+    for split, examples in splits.items():
+        for e in examples:
+            other, seen = first.setdefault(_normalised(e.question), (split, e))
+            if other != split:
+                raise ValueError(
+                    f"the question {e.question!r} is in {_where(other, seen, sources[other])} and in "
+                    f"{_where(split, e, sources[split])}; a question in two splits leaks one into the other "
+                    "(a test question among the training data): remove it from one of the files"
+                )
+
+
+def prepare_data(
+    sizes: dict, seed: int, max_operand: int, out_dir: str | Path, files: dict | None = None, root: str | Path = "."
+) -> dict:
+    """Write ``{split}.jsonl`` for the four ``SPLITS`` and ``splits.json``; return the latter.
+
+    ``files`` maps a split to a GSM8K-format JSONL (a path relative to ``root``, or absolute) read whole as that
+    split; ``sizes[split]`` must then be its number of examples. The other splits are generated. ``splits.json``
+    holds per split ``{"n", "sha256", "tasks", "source"}``, the source being ``{"file": the path as given,
+    "sha256": of the file's bytes}`` or ``{"generated": {"seed", "max_operand"}}``."""
+    missing, unknown = sorted(set(SPLITS) - set(sizes)), sorted(set(sizes) - set(SPLITS))
+    if missing:
+        raise ValueError(f"sizes lack splits {missing}; give sizes for all of {SPLITS}")
+    if unknown:
+        raise ValueError(f"sizes name unknown splits {unknown}; give sizes for exactly {SPLITS}")
+    splits, sources = _read_files(files or {}, Path(root))
+    for split, examples in splits.items():
+        if sizes[split] != len(examples):
+            raise ValueError(
+                f"sizes.{split} is {sizes[split]!r} but files.{split} ({sources[split]['file']}) holds "
+                f"{len(examples)} examples; a split read from a file is taken whole: set sizes.{split}: "
+                f"{len(examples)}, or cut the file to the size you want"
+            )
+    generated = [split for split in SPLITS if split not in splits]
+    if generated:
+        splits |= make_splits({split: sizes[split] for split in generated}, seed, max_operand=max_operand)
+        sources |= dict.fromkeys(generated, {"generated": {"seed": seed, "max_operand": max_operand}})
+    splits = {split: splits[split] for split in SPLITS}
+    _refuse_shared_questions(splits, sources)
+    out = Path(out_dir)
+    for name, examples in splits.items():
+        save_jsonl(examples, out / f"{name}.jsonl")
+    summary = {
+        name: {"n": len(ex), "sha256": split_sha256(ex), "tasks": sorted({e.task for e in ex}), "source": sources[name]}
+        for name, ex in splits.items()
+    }
+    write_json(out / "splits.json", summary)
+    return summary
+
+
+def load_splits(data_dir: str | Path) -> dict:
+    return {name: load_jsonl(Path(data_dir) / f"{name}.jsonl") for name in SPLITS}

@@ -21,21 +21,93 @@ targets, over real student positions that the alignment reaches. Keys are compar
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kvlib.config import KVConfig
-from kvlib.data import SEGMENTS, TASKS, Example
-from kvlib.fusion import AttentionFusion, RouterFusion
+from kvlib.config import check_choice, check_positive, from_dict
+from kvlib.fusion import KINDS as FUSIONS
+from kvlib.fusion import AttentionFusion, RouterFusion, check_fixed_weights
 from kvlib.hf import KVSpec, forward_with_kv, kv_spec
-from kvlib.kvstore import KVStore
+from kvlib.layers import KINDS as LAYER_MAPS
 from kvlib.layers import LayerMap
+from kvlib.losses import KINDS as KV_LOSSES
 from kvlib.losses import kv_loss, relation_loss
+from kvlib.objective import next_token_loss
+from kvlib.projectors import KINDS as PROJECTORS
 from kvlib.projectors import KVProjector
-from kvlib.resample import time_alignment
+from kvlib.resample import ALIGNMENTS, time_alignment
 from kvlib.rope import unrotate_keys
-from kvlib.text import check_lengths, encode_batch
+
+
+@dataclass(frozen=True)
+class KVConfig:
+    """How teacher KV is aligned to the student and weighed against CE."""
+
+    weight: float = 1.0  # weight of the KV loss in the total loss (CE has weight 1)
+    loss: str = "mse"
+    k_weight: float = 1.0
+    v_weight: float = 1.0
+    normalize: bool = True  # divide by the target's per-layer std
+    pre_rope: bool = True  # match keys before RoPE (un-rotate the student's; the store holds pre-RoPE teacher keys)
+    time_align: str = "span"
+    layer_map: str = "uniform"
+    projector: str = "linear"
+    relation_weight: float = 0.0  # weight of the MiniLMv2 relation loss (0 = off)
+    relation_heads: int = 1
+    shuffle_time: bool = False  # negative control: teacher KV shuffled in time within each example
+
+    def __post_init__(self):
+        check_choice("loss", self.loss, KV_LOSSES)
+        check_choice("time_align", self.time_align, ALIGNMENTS)
+        check_choice("layer_map", self.layer_map, LAYER_MAPS)
+        check_choice("projector", self.projector, PROJECTORS)
+        check_positive(self, "relation_heads")
+        if min(self.weight, self.k_weight, self.v_weight, self.relation_weight) < 0:
+            raise ValueError(
+                f"weights must be >= 0, got weight={self.weight}, k_weight={self.k_weight}, "
+                f"v_weight={self.v_weight}, relation_weight={self.relation_weight}"
+            )
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """How several teachers' aligned KV are combined per layer (see ``kvlib.fusion``)."""
+
+    kind: str = "fixed"
+    weights: list[float] | None = None  # kind fixed: one per teacher, summing to 1 (default uniform)
+    temperature: float = 1.0
+    entropy_weight: float = 0.0  # router only: > 0 pushes toward specialised, < 0 toward diverse
+
+    def __post_init__(self):
+        check_choice("fusion kind", self.kind, FUSIONS)
+        check_positive(self, "temperature")
+        if self.weights is not None and self.kind != "fixed":
+            raise ValueError(f"fusion weights are used only by kind 'fixed', got them with kind {self.kind!r}")
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    """One experiment group: which teachers (none = CE only), how their KV is used, how they are fused."""
+
+    teachers: list[str]
+    kv: KVConfig | None = None
+    fusion: FusionConfig | None = None
+
+    def __post_init__(self):
+        if bool(self.teachers) != (self.kv is not None):
+            raise ValueError(f"a group with teachers {self.teachers} needs kv settings, and a group without none")
+        if len(self.teachers) > 1 and self.fusion is None:
+            raise ValueError(f"a group with teachers {self.teachers} needs fusion settings")
+        if len(set(self.teachers)) != len(self.teachers):
+            raise ValueError(f"teachers {self.teachers} are listed twice")
+        if self.fusion is not None and self.fusion.weights is not None:
+            check_fixed_weights(self.fusion.weights, len(self.teachers))
+
+    @classmethod
+    def from_params(cls, params: dict) -> GroupConfig:
+        return from_dict(cls, params)
 
 
 def shuffle_time(kv: list[tuple[Tensor, Tensor]], keep: Tensor, real: Tensor) -> tuple[list, Tensor]:
@@ -136,8 +208,7 @@ class Distiller(nn.Module):
             hidden=isinstance(self.fusion, RouterFusion),
             queries=isinstance(self.fusion, AttentionFusion),
         )
-        real = mask[:, 1:].bool()  # (B, T-1): next tokens that exist
-        terms = {"ce": F.cross_entropy(out.logits[:, :-1][real].float(), ids[:, 1:][real])}
+        terms = {"ce": next_token_loss(out.logits, ids, mask)}
         if self.aligners:
             terms |= self.kv_terms(out.kv, batch, out.hidden, out.queries)
         weights = self.term_weights()
@@ -201,33 +272,3 @@ class Distiller(nn.Module):
         if self.kv is None:
             return {"ce": 1.0}
         return {"ce": 1.0, "kv": self.kv.weight, "relation": self.kv.relation_weight, "entropy": 1.0}
-
-
-def collate_fn(tokenizer, examples: list[Example], stores: list[KVStore] = (), max_length: int | None = None):
-    """``collate(indices) -> batch``: the examples encoded by the student's tokenizer (right-padded, with
-    offsets, segment bounds and ``task_ids`` indexing ``kvlib.data.TASKS``) and, under ``teachers``, each
-    teacher's stored KV of the same examples. With ``max_length`` (the student's
-    ``max_position_embeddings``) every example is checked once, up front: a text too long for the model is
-    refused (``kvlib.text.check_lengths``), never truncated."""
-    unknown = sorted({e.task for e in examples} - set(TASKS))
-    if unknown:
-        raise ValueError(f"training examples have tasks {unknown}; training takes the tasks {TASKS}")
-    for i, store in enumerate(stores):
-        if store.ids != [e.id for e in examples]:
-            raise ValueError(
-                f"KV store {i} holds {len(store)} examples that are not these {len(examples)} in this order; "
-                "extract the store over the same split the student trains on"
-            )
-    if max_length is not None:
-        check_lengths(tokenizer, [e.text for e in examples], [e.id for e in examples], max_length)
-
-    def collate(indices) -> dict:
-        chunk = [examples[i] for i in indices]
-        spans = [{name: e.spans[name] for name in SEGMENTS} for e in chunk]
-        batch = encode_batch(tokenizer, [e.text for e in chunk], spans, max_length)
-        batch["task_ids"] = torch.tensor([TASKS.index(e.task) for e in chunk])
-        if stores:
-            batch["teachers"] = [store.batch(list(indices)) for store in stores]
-        return batch
-
-    return collate

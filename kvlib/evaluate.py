@@ -18,8 +18,10 @@ from pathlib import Path
 
 import torch
 
-from kvlib.data import Example, parse_answer
+from kvlib.checkpoints import load_trained
+from kvlib.data import Example, load_splits, parse_answer
 from kvlib.files import write_text
+from kvlib.progress import progress as progress_bar
 from kvlib.text import check_lengths, encode_batch
 
 
@@ -68,7 +70,12 @@ def evaluate(
     """Accuracy of ``model`` on ``examples``; writes one JSON line per example to ``out_path`` (atomically)."""
     if not examples:
         raise ValueError("evaluate needs at least one example")
-    generated = _answers(model, tokenizer, examples, max_new_tokens, batch_size)
+    prompts = [e.prompt for e in examples]
+    limit = model.config.max_position_embeddings
+    check_lengths(tokenizer, prompts, [e.id for e in examples], limit, reserve=max_new_tokens, add_eos=False)
+    generated = []
+    for i in progress_bar(range(0, len(prompts), batch_size), desc="evaluate", unit="batch"):  # generate()'s batches
+        generated += generate(model, tokenizer, prompts[i : i + batch_size], max_new_tokens, batch_size)
     records = []
     for e, text in zip(examples, generated):
         prediction = parse_answer(text)
@@ -92,3 +99,16 @@ def evaluate(
         "answered": sum(r["prediction"] is not None for r in records) / len(records),
         "accuracy_by_task": {t: sum(c) / len(c) for t, c in sorted(by_task.items())},
     }
+
+
+def validation(model, tokenizer, examples: list, max_new_tokens: int):
+    """The training loop's validation callback: greedy exact-match accuracy on ``examples`` (none: no callback)."""
+    if not examples:
+        return None
+    return lambda: {"accuracy": accuracy(model, tokenizer, examples, max_new_tokens)}
+
+
+def evaluate_student(student_dir: str | Path, data_dir: str | Path, max_new_tokens: int, out_path) -> dict:
+    """Greedy decoding of a trained student on the test split; one record per example written to ``out_path``."""
+    model, tokenizer = load_trained(student_dir, inference=True)
+    return evaluate(model, tokenizer, load_splits(data_dir)["test"], out_path, max_new_tokens)

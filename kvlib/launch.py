@@ -33,7 +33,7 @@ import yaml
 from kvlib import project_root
 from kvlib.config import load_params
 from kvlib.files import write_text
-from kvlib.pipeline import train_student
+from kvlib.student import train_student
 
 GPU_TYPES = ("MULTI_GPU", "FSDP", "DEEPSPEED", "MEGATRON_LM")  # accelerate distributed types with a process per GPU
 

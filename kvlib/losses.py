@@ -1,4 +1,4 @@
-"""Distillation losses on KV tensors, and a measure of each loss term's share of the gradient.
+"""Distillation losses on KV tensors.
 
 - ``kv_distance`` / ``kv_loss``: the KaVa loss (Kuzina et al. 2025, https://arxiv.org/abs/2510.02312)
   between student K, V and their teacher targets (already projected, time-aligned and fused to the
@@ -10,9 +10,6 @@
   Heads of each side are concatenated and re-split into ``R`` relation heads, ``softmax(x x^T /
   sqrt(d))`` relation matrices are built per side, and the teacher's is matched by KL. Needs no
   projector: only the time axes must agree.
-- ``gradient_shares``: each term's gradient norm on shared parameters as a share of their sum. An
-  auxiliary loss can look large and still move nothing (a public cross-model KaVa recipe: 0.22 % of
-  the CE gradient at weight 1.0); the trainer logs these shares so weights can be set from them.
 
 Losses are computed in float32 whatever the inputs (under bf16 autocast K and V can differ in dtype).
 """
@@ -121,19 +118,3 @@ def relation_loss(student_x: Tensor, teacher_x: Tensor, mask: Tensor, num_relati
     kl = (log_t.exp() * (log_t - log_s)).nan_to_num(0.0).sum(-1)  # (B, R, T): masked keys give 0 * (-inf - -inf)
     rows = key_mask[:, None, :].expand_as(kl).float()
     return (kl * rows).sum() / rows.sum().clamp(min=1)
-
-
-def gradient_shares(losses: dict[str, Tensor], params: list[Tensor]) -> dict[str, float]:
-    """Each loss term's gradient norm on ``params`` as a share of the sum of the norms (shares sum to 1).
-
-    Pass the terms as weighted in the total loss. The graph is kept, so the total can still be
-    back-propagated afterwards.
-    """
-    if not losses:
-        raise ValueError("gradient_shares needs at least one loss term")
-    norms = {}
-    for name, loss in losses.items():
-        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        norms[name] = torch.sqrt(sum((g.float().square().sum() for g in grads if g is not None), torch.zeros(())))
-    total = float(sum(norms.values()))
-    return {name: (float(n) / total if total > 0 else 0.0) for name, n in norms.items()}

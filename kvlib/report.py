@@ -1,12 +1,35 @@
-"""``REPORT.md`` from the pipeline's measured outputs: the pre-registered plan first, then the results.
+"""``REPORT.md`` and its figures from the pipeline's measured outputs: the pre-registered plan first, then the results.
 
 Every number in the report is read from a file a stage wrote (splits, teacher metrics, per-example
 evaluation, statistics); nothing is typed by hand. Verdicts follow the plan mechanically: a group
 "improves" or "hurts" only when its Holm-adjusted paired test rejects at the planned ``alpha``;
 otherwise the report says there is no significant difference, whatever the point estimate.
+
+The figures are built here as ``matplotlib.figure.Figure`` objects (no pyplot state) for the report notebook to
+save. Each group keeps one colour on every panel of the learning curves, taken from the list of all groups, not
+from the groups a panel happens to show (G0 has no KV curve); the forest plot's colours are the verdicts, named
+in its legend.
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+# each learning-curve term: (panel title, y-axis label, factor applied to the logged value)
+TERMS = {
+    "ce": ("cross-entropy loss", "CE (nats per token)", 1.0),
+    "kv": ("KV distillation loss", "KV distance (unweighted, mean over layers)", 1.0),
+    "val_accuracy": ("validation accuracy", "exact-match accuracy (%)", 100.0),
+}
+VERDICT_COLORS = {
+    "significantly better": "tab:green",
+    "significantly worse": "tab:red",
+    "no significant difference": "tab:gray",
+}
 
 
 def _pct(x: float) -> str:
@@ -122,3 +145,114 @@ def _answer(plan: dict, stats: dict) -> list[str]:
             )
         ]
     return lines
+
+
+def group_colors(groups) -> dict[str, str]:
+    """One colour per group, by its place among all groups, so a panel that lacks a group shifts no one's colour."""
+    return {g: f"C{i}" for i, g in enumerate(groups)}
+
+
+def mean_curve(runs: dict[str, list[dict]], term: str) -> tuple[list[int], np.ndarray] | None:
+    """``(steps, mean over seeds)`` of ``term`` in one group's runs (seed -> logged rows), or None if not logged."""
+    logged = {seed: [r for r in rows if term in r] for seed, rows in runs.items()}
+    if not any(logged.values()):
+        return None
+    steps = {seed: [r["step"] for r in rows] for seed, rows in logged.items()}
+    if len({tuple(s) for s in steps.values()}) > 1:
+        lengths = {seed: len(s) for seed, s in steps.items()}
+        raise ValueError(
+            f"the seeds logged {term!r} at different steps ({lengths} rows per seed); finish or re-run the "
+            "unfinished training runs before the report"
+        )
+    mean = np.mean([[r[term] for r in rows] for rows in logged.values()], axis=0)  # (n_steps,)
+    return next(iter(steps.values())), mean
+
+
+def learning_curves_figure(curves: dict[str, dict[str, list[dict]]]) -> Figure:
+    """One panel per logged term of ``TERMS`` (CE, KV, validation accuracy), one line per group, mean over seeds.
+
+    curves: group -> seed -> the rows of its ``learning_curve.jsonl``.
+    """
+    colors = group_colors(curves)
+    panels = {t: {g: c for g, runs in curves.items() if (c := mean_curve(runs, t))} for t in TERMS}
+    panels = {t: lines for t, lines in panels.items() if lines}
+    fig = Figure(figsize=(5.5 * len(panels), 4.2), layout="constrained")
+    for ax, (t, lines) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels.items()):
+        title, ylabel, factor = TERMS[t]
+        for g, (steps, mean) in lines.items():
+            ax.plot(steps, factor * mean, label=g, color=colors[g], marker="." if t.startswith("val_") else None)
+        ax.set(xlabel="optimizer step", ylabel=ylabel, title=title)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=min(5, len(lines)), fontsize=7, frameon=False)
+    return fig
+
+
+def forest_figure(groups: dict, control: str) -> Figure:
+    """Each group's accuracy difference to the control with its 95% CI, coloured by its verdict (in the legend).
+
+    groups: ``compare_to_control`` output (group -> ``diff``, ``ci_low``, ``ci_high``, ``reject``).
+    """
+    names = list(groups)[::-1]  # the first group on top
+    fig = Figure(figsize=(6.5, 1.2 + 0.45 * len(names)), layout="constrained")
+    ax = fig.subplots()
+    for v, color in VERDICT_COLORS.items():
+        ys = [i for i, g in enumerate(names) if verdict(groups[g]) == v]
+        if not ys:
+            continue
+        d = np.array([100 * groups[names[i]]["diff"] for i in ys])
+        lo = d - np.array([100 * groups[names[i]]["ci_low"] for i in ys])
+        hi = np.array([100 * groups[names[i]]["ci_high"] for i in ys]) - d
+        ax.errorbar(d, ys, xerr=[lo, hi], fmt="o", color=color, capsize=3, label=v)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_ylim(-0.6, len(names) - 0.4)
+    ax.set(xlabel=f"accuracy difference to {control} (points)", ylabel="group", title="effects with 95% CI")
+    fig.legend(title="Holm-adjusted paired test", loc="outside lower center", ncol=3, fontsize=7, title_fontsize=7)
+    return fig
+
+
+def routing_weights(curves: dict[str, dict[str, list[dict]]]) -> dict[str, dict[str, np.ndarray]]:
+    """Routed group -> task -> its teachers' weights per student layer (Ls, N), mean over seeds, last logged row."""
+    routed = {g: runs for g, runs in curves.items() if "fusion_weights" in next(iter(runs.values()))[-1]}
+    return {
+        g: {
+            task: np.mean([rows[-1]["fusion_weights"][task] for rows in runs.values()], axis=0)  # (Ls, N)
+            for task in sorted(next(iter(runs.values()))[-1]["fusion_weights"])
+        }
+        for g, runs in routed.items()
+    }
+
+
+def routing_figure(weights: dict[str, dict[str, np.ndarray]], teachers: dict[str, list[str]]) -> Figure:
+    """A heatmap per routed group (rows) and task (columns) of ``routing_weights``; teachers: group -> names."""
+    tasks = sorted({task for w in weights.values() for task in w})
+    fig = Figure(figsize=(4 * len(tasks) + 1, 2.6 * len(weights)), layout="constrained")
+    axes = fig.subplots(len(weights), len(tasks), squeeze=False)
+    for row, (g, by_task) in zip(axes, weights.items()):
+        for ax, task in zip(row, tasks):
+            w = by_task[task]  # (Ls, N)
+            im = ax.imshow(w, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+            for (i, j), v in np.ndenumerate(w):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.5 else "black", fontsize=8)
+            ax.set_xticks(range(w.shape[1]), teachers[g])
+            ax.set_yticks(range(w.shape[0]))
+            ax.set(title=f"{g}: {task}", xlabel="teacher", ylabel="student layer")
+    fig.colorbar(im, ax=axes, label="router weight (a row sums to 1)")
+    return fig
+
+
+def stage_figures(reports: str | Path, report_dir: str | Path, teachers) -> dict[str, str]:
+    """Caption -> path relative to ``report_dir`` of the figures earlier stages wrote under ``reports``, those that
+    exist: each teacher's learning curve (a teacher that was not trained has none) and the alignment figures."""
+    reports = Path(reports)
+    found = {
+        f"Teacher {name}: training cross-entropy": reports / "teachers" / name / "learning_curve.png"
+        for name in teachers
+    }
+    alignment = reports / "alignment"
+    found |= {
+        "Teacher x student CKA per layer": alignment / "cka.png",
+        "Teacher x student CKA per KV head (last layer's keys)": alignment / "heads.png",
+        "Layer maps": alignment / "layer_maps.png",
+        "Time alignment": alignment / "time_alignment.png",
+    }
+    return {caption: Path(os.path.relpath(p, report_dir)).as_posix() for caption, p in found.items() if p.exists()}

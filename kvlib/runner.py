@@ -15,8 +15,10 @@ stage's output paths (``OUTPUTS``), taken from the project root, must lie inside
 path's text, so an ``artifacts/`` that is a symlink to another disk is fine) unless the params file sets
 ``allow_outside_project: true`` at its top level. Input paths may be anywhere.
 
-The executed notebook and an HTML copy for readers without Jupyter are written to
-``reports/notebooks/``, named after the stage and the ``--set`` values (characters other than letters,
+The log holds what the cells print and one ``[kvlib]`` line at the start and the end of the stage (``execute``);
+``kvlib.progress`` bars of the kernel and of its subprocesses come to the runner's stderr. The executed notebook
+and an HTML copy for readers without Jupyter (nbconvert's ``lab`` template: JupyterLab's styles inline) are
+written to ``reports/notebooks/``, named after the stage and the ``--set`` values (characters other than letters,
 digits and ``._=-`` replaced by ``_``, so ``--set data_dir=/x/y`` names ``01_data-_x_y``). Papermill
 writes ``<name>.running.ipynb`` (saved after every cell: open it to follow a run) and it is renamed onto
 ``<name>.ipynb`` only when every cell succeeded; a failed or interrupted run leaves the previous
@@ -36,15 +38,16 @@ section of the params file is checked before DVC starts. Its notebooks import th
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nbconvert
+import nbformat
 import papermill
 
 from kvlib import project_root
@@ -54,6 +57,17 @@ from kvlib.files import atomic_write, write_text
 OUTPUTS = ("out_dir", "out_root", "out_path", "report_dir", "report_root", "report_path")  # keys a stage writes to
 TYPES = {"int": int, "float": float, "bool": bool, "str": str, "list": list, "dict": dict}  # of parameters cells
 MARKER = ".kvlib-workdir"  # in a working folder set up by run_pipeline
+KERNEL_ARGS = (  # for the notebooks' IPython kernel
+    # keep file descriptors 1 and 2 the runner's: what is written there (kvlib.progress bars, subprocesses such as
+    # accelerate launch) reaches the log once, instead of going into the notebook and being echoed to the log too
+    "--IPKernelApp.capture_fd_output=False",
+    "--IPKernelApp.log_level=ERROR",  # not its warning that, like any default kernel, it talks over local TCP
+    # jupyter_client sends SIGINT before it shuts a kernel down; landing while the kernel still handles a message,
+    # it is logged as an error after a successful stage. Nothing else interrupts these kernels (they run in their
+    # own session, away from the terminal's Ctrl-C, which stops the runner, and a cell shows its own interrupts).
+    "--IPKernelApp.exec_lines=__import__('logging').getLogger('IPKernelApp').addFilter("
+    "lambda record: not record.getMessage().startswith('KeyboardInterrupt caught in kernel'))",
+)
 
 
 def notebook_for(stage: str, root: Path | None = None) -> Path:
@@ -137,21 +151,42 @@ def run_stage(stage: str, params_file: str | Path, sets: dict | None = None, exe
     name = executed_name(notebook, sets)
     out, running, failed = (executed_dir / f"{name}{suffix}.ipynb" for suffix in ("", ".running", ".failed"))
     print(f"[kvlib] stage {stage} {sets or ''}: {notebook.name} with {params_file}", flush=True)
+    start = time.perf_counter()
     try:
-        papermill.execute_notebook(
-            str(notebook), str(running), parameters=parameters, cwd=str(root), log_output=True, progress_bar=False
-        )
+        execute(notebook, running, parameters, root)
     except BaseException:
         if running.exists():
             os.replace(running, failed)
             print(f"[kvlib] stage {stage} failed; its executed notebook is {failed}", flush=True)
         raise
-    body, _ = nbconvert.HTMLExporter(template_name="basic").from_filename(str(running))
-    head = f'<head><meta charset="utf-8"><title>{name}</title></head>'
-    write_text(out.with_suffix(".html"), f"<!DOCTYPE html>\n<html>{head}<body>{body}</body></html>\n")
+    html, _ = nbconvert.HTMLExporter(template_name="lab").from_notebook_node(
+        nbformat.read(running, as_version=4), resources={"metadata": {"name": name}}
+    )
+    write_text(out.with_suffix(".html"), html)
     os.replace(running, out)
     failed.unlink(missing_ok=True)
+    print(f"[kvlib] stage {stage} done in {time.perf_counter() - start:.0f} s: {out}", flush=True)
     return out
+
+
+def execute(notebook: Path, out: Path, parameters: dict, cwd: Path) -> None:
+    """Run ``notebook`` with ``parameters`` in a kernel working in ``cwd``, saving it to ``out`` after every cell.
+
+    The log stays quiet: what cells print is streamed to this process's stdout and stderr, and nothing else (no
+    cell markers; displayed values and errors are in the saved notebook, and a failed cell raises
+    ``papermill.PapermillExecutionError`` with its traceback). What the kernel and its subprocesses write to the
+    file descriptors 1 and 2 themselves (``kvlib.progress`` bars) goes to this process's, not into the notebook
+    (``KERNEL_ARGS``)."""
+    papermill.execute_notebook(
+        str(notebook),
+        str(out),
+        parameters=parameters,
+        cwd=str(cwd),
+        progress_bar=False,
+        stdout_file=sys.stdout,
+        stderr_file=sys.stderr,
+        extra_arguments=list(KERNEL_ARGS),  # a copy: nbclient appends to it
+    )
 
 
 def run_pipeline(params_file: str | Path, workdir: str | Path) -> Path:
@@ -194,7 +229,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override one parameter")
     parser.add_argument("--workdir", help="pipeline only: the folder to run the whole pipeline in")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")  # papermill streams each cell's output
     if args.stage == "pipeline":
         if not args.workdir:
             parser.error("pipeline needs --workdir")

@@ -29,12 +29,13 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
+from kvlib.checkpoints import load_trained
 from kvlib.compress import crop_slots, gather_slots, kava_scores, select_slots
-from kvlib.data import SEGMENTS, Example, split_sha256
+from kvlib.data import SEGMENTS, Example, load_splits, split_sha256
 from kvlib.hf import extract_kv, extract_kv_and_attention, kv_spec
 from kvlib.kvstore import KVStore, write_store
+from kvlib.progress import progress as progress_bar
 from kvlib.rope import unrotate_keys
 from kvlib.text import check_lengths, encode_batch
 
@@ -132,7 +133,7 @@ def extract_store(
     spec = kv_spec(model.config)
 
     def batches():
-        for i in tqdm(range(0, len(examples), batch_size), disable=not progress, desc="teacher KV"):
+        for i in progress_bar(range(0, len(examples), batch_size), desc="teacher KV", disable=not progress):
             chunk = examples[i : i + batch_size]
             attention = budget is not None and compression == "kava_layer_mean"
             enc, kv, attn = run_teacher(model, tokenizer, chunk, pre_rope, attention)
@@ -159,3 +160,13 @@ def extract_store(
     }
     write_store(directory, batches(), spec, {**(meta or {}), **settings})
     return KVStore(directory)
+
+
+def extract_teacher_kv(
+    teacher_dir: str | Path, data_dir: str | Path, out_dir: str | Path, budget: int | None = None, **options
+) -> KVStore:
+    """The teacher's KV over the student-training split (pre-RoPE keys, fp16), optionally compressed."""
+    model, tokenizer = load_trained(teacher_dir, inference=True)
+    examples = load_splits(data_dir)["student_train"]
+    meta = {"teacher": str(teacher_dir), "model_type": model.config.model_type}
+    return extract_store(model, tokenizer, examples, out_dir, budget=budget, meta=meta, **options)

@@ -1,7 +1,8 @@
 """The training loop: one plain loop on ``accelerate`` for teachers, CE-only students and KV distillation.
 
 The same code runs on a CPU, one GPU, several GPUs or several nodes (``accelerate launch``): all
-trainable computation sits in one ``Distiller.forward``. Notable choices:
+trainable computation sits in one module's ``forward(batch) -> loss terms`` (``kvlib.objective.CausalLM``
+for CE only, ``kvlib.distill.Distiller`` with teachers). Notable choices:
 
 - **fixed compute**: training runs for ``steps`` optimizer steps of ``batch_size x grad_accum``
   examples per process (``drop_last``), so groups compared in a study see the same number of
@@ -53,14 +54,32 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
+from torch import Tensor
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from kvlib.config import TrainConfig
 from kvlib.data import TASKS
-from kvlib.distill import Distiller
 from kvlib.files import write_json, write_text
-from kvlib.losses import gradient_shares
+from kvlib.progress import progress as progress_bar
+
+
+def gradient_shares(losses: dict[str, Tensor], params: list[Tensor]) -> dict[str, float]:
+    """Each loss term's gradient norm on ``params`` as a share of the sum of the norms (shares sum to 1).
+
+    An auxiliary loss can look large and still move nothing (a public cross-model KaVa recipe: 0.22 % of
+    the CE gradient at weight 1.0); the loop logs these shares so weights can be set from them.
+
+    Pass the terms as weighted in the total loss. The graph is kept, so the total can still be
+    back-propagated afterwards.
+    """
+    if not losses:
+        raise ValueError("gradient_shares needs at least one loss term")
+    norms = {}
+    for name, loss in losses.items():
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        norms[name] = torch.sqrt(sum((g.float().square().sum() for g in grads if g is not None), torch.zeros(())))
+    total = float(sum(norms.values()))
+    return {name: (float(n) / total if total > 0 else 0.0) for name, n in norms.items()}
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -190,7 +209,7 @@ def _mean_over_processes(accelerator: Accelerator, sums: dict[str, float], count
 
 
 def train(
-    distiller: Distiller,
+    distiller: torch.nn.Module,
     collate: Callable[[Sequence[int]], dict],
     num_examples: int,
     cfg: TrainConfig,
@@ -258,7 +277,7 @@ def train(
     per_epoch = len(loader(0))
     consumed = step * cfg.grad_accum
     epoch, skip = divmod(consumed, per_epoch)
-    bar = tqdm(
+    bar = progress_bar(
         total=cfg.steps,
         initial=step,
         disable=not (progress and accelerator.is_main_process),

@@ -9,12 +9,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import BartConfig, BertConfig, BertForMaskedLM, BertLMHeadModel, LlamaModel, T5Config
 
+from kvlib.batches import collate_fn
+from kvlib.checkpoints import build, load_trained
 from kvlib.config import ModelConfig
 from kvlib.data import generate, load_gsm8k, load_jsonl, parse_answer
-from kvlib.distill import collate_fn
-from kvlib.evaluate import accuracy, evaluate
+from kvlib.evaluate import accuracy, evaluate, evaluate_student
 from kvlib.models import build_model, check_vocabulary, load_model, model_config
-from kvlib.pipeline import _build, evaluate_student, load_trained
 from kvlib.teacher_kv import extract_store
 from kvlib.text import check_lengths, load_tokenizer, save_tokenizer, train_tokenizer
 
@@ -135,7 +135,7 @@ def test_a_checkpoint_with_another_models_tokenizer_is_refused_by_build(foreign)
     root, tokenizer = foreign
     save_tokenizer(tokenizer, root / "ckpt")
     with pytest.raises(ValueError, match=r"30 tokens .* only 20 rows: the tokenizer belongs to another model"):
-        _build(ModelConfig.from_params({"path": str(root / "ckpt")}), [], seed=0)
+        build(ModelConfig.from_params({"path": str(root / "ckpt")}), [], seed=0)
 
 
 @pytest.mark.parametrize("layout", ["model-and-tokenizer", "checkpoint.json"])
@@ -178,7 +178,7 @@ def test_evaluating_a_student_that_was_never_trained_names_the_missing_model(tmp
 def test_an_empty_gsm8k_file_is_refused_not_read_as_an_empty_test_split(tmp_path, content):
     path = tmp_path / "gsm8k.jsonl"
     path.write_text(content)
-    with pytest.raises(ValueError, match=r"gsm8k.jsonl holds no GSM8K example .*point gsm8k_test at a GSM8K JSONL"):
+    with pytest.raises(ValueError, match=r"gsm8k.jsonl holds no GSM8K example .*point data.files at a GSM8K JSONL"):
         load_gsm8k(path)
 
 

@@ -7,17 +7,8 @@ import nbformat
 import pytest
 
 from kvlib import project_root
-from kvlib.config import (
-    FusionConfig,
-    GroupConfig,
-    KVConfig,
-    ModelConfig,
-    TokenizerConfig,
-    TrainConfig,
-    check_study,
-    from_dict,
-    load_params,
-)
+from kvlib.config import ModelConfig, TokenizerConfig, TrainConfig, check_study, from_dict, load_params
+from kvlib.distill import FusionConfig, GroupConfig, KVConfig
 from kvlib.fusion import make_fusion
 from kvlib.runner import check_parameters, executed_name, notebook_for, parse_sets, stage_parameters
 
@@ -196,7 +187,7 @@ def test_a_set_value_of_the_wrong_type_is_refused_before_anything_runs(tmp_path)
     [
         ("{max_operand: '9'}", r"01_data.ipynb parameter max_operand must be an integer, got '9' \(str\)"),
         ("{sizes: 5}", r"01_data.ipynb parameter sizes must be a mapping, got 5 \(int\)"),
-        ("{gsm8k_test: null}", r"01_data.ipynb parameter gsm8k_test must be a string, got None"),
+        ("{files: null}", r"01_data.ipynb parameter files must be a mapping, got None"),
     ],
 )
 def test_a_stage_parameter_of_the_wrong_type_is_refused(tmp_path, section, message):
@@ -228,8 +219,8 @@ def test_an_output_path_outside_the_project_is_refused_unless_the_params_allow_i
 
 
 def test_paths_inside_the_project_and_input_paths_anywhere_are_accepted(tmp_path):
-    text = "data: {out_dir: artifacts/../artifacts/data, report_dir: reports/data, gsm8k_test: /data/gsm8k.jsonl}\n"
-    assert stage_parameters(_params(tmp_path, text), "data")["gsm8k_test"] == "/data/gsm8k.jsonl"
+    text = "data: {out_dir: artifacts/../artifacts/data, report_dir: reports/data, files: {test: /data/gsm8k.jsonl}}\n"
+    assert stage_parameters(_params(tmp_path, text), "data")["files"] == {"test": "/data/gsm8k.jsonl"}
 
 
 def test_the_executed_notebook_is_named_safely_after_the_set_values():

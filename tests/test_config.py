@@ -1,6 +1,7 @@
 import pytest
 
-from kvlib.config import FusionConfig, GroupConfig, KVConfig, ModelShape, TokenizerConfig, TrainConfig, from_dict
+from kvlib.config import ModelShape, TokenizerConfig, TrainConfig, from_dict
+from kvlib.distill import FusionConfig, GroupConfig, KVConfig
 
 
 def test_from_dict_builds_and_rejects_unknown_keys():

@@ -4,6 +4,7 @@ import itertools
 import json
 import re
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -16,8 +17,10 @@ from kvlib.data import (
     generate,
     load_gsm8k,
     load_jsonl,
+    load_splits,
     make_splits,
     parse_answer,
+    prepare_data,
     save_jsonl,
     split_sha256,
 )
@@ -362,3 +365,130 @@ def test_load_jsonl_names_file_and_line_of_a_bad_answer(tmp_path):
 )
 def test_parse_answer_reads_the_integer_after_the_first_hashes(generated, expected):
     assert parse_answer(generated) == expected
+
+
+# prepare_data: generated splits and splits read from GSM8K-format files
+
+FILE_SIZES = {"teacher_train": 3, "student_train": 2, "validation": 1, "test": 2}
+
+
+def gsm8k_file(path, split, n):
+    """n distinct GSM8K-format lines, named after the split: question "<split> problem <i>: ...", answer i + 1."""
+    lines = [
+        {"question": f"{split} problem {i}: Ann has {i} pens and buys 1. How many?",
+         "answer": f"She has {i}+1 = <<{i}+1={i + 1}>>{i + 1} pens.\n#### {i + 1}"}
+        for i in range(n)
+    ]  # fmt: skip
+    return write_lines(path, lines)
+
+
+@pytest.fixture
+def split_files(tmp_path):
+    """A GSM8K-format file per split, sized as FILE_SIZES, under tmp_path/gsm8k/; files maps split -> path."""
+    (tmp_path / "gsm8k").mkdir()
+    return {s: str(gsm8k_file(tmp_path / "gsm8k" / f"{s}.jsonl", s, n)) for s, n in FILE_SIZES.items()}
+
+
+def test_every_split_can_be_read_from_its_own_gsm8k_file_and_records_its_source(tmp_path, split_files):
+    summary = prepare_data(FILE_SIZES, 0, 9, tmp_path / "data", split_files)
+    assert json.loads((tmp_path / "data" / "splits.json").read_text()) == summary
+    written = load_splits(tmp_path / "data")
+    for split, path in split_files.items():
+        assert written[split] == load_gsm8k(path)
+        sha256 = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        assert summary[split]["source"] == {"file": path, "sha256": sha256}
+        assert summary[split] | {"source": None} == {
+            "n": FILE_SIZES[split], "sha256": split_sha256(written[split]), "tasks": ["gsm8k"], "source": None
+        }  # fmt: skip
+    e = written["student_train"][1]
+    assert (e.question, e.reasoning, e.answer) == (
+        "student_train problem 1: Ann has 1 pens and buys 1. How many?", "She has 1+1 = <<1+1=2>>2 pens.", "2"
+    )  # fmt: skip
+
+
+def test_a_mixed_run_generates_the_other_splits_exactly_as_an_all_generated_run(tmp_path, split_files):
+    sizes = SIZES | {"test": 2}
+    summary = prepare_data(sizes, 0, 9, tmp_path / "mixed", {"test": split_files["test"]})
+    prepare_data(sizes, 0, 9, tmp_path / "generated")
+    mixed, generated = load_splits(tmp_path / "mixed"), load_splits(tmp_path / "generated")
+    assert mixed["test"] == load_gsm8k(split_files["test"]) and summary["test"]["tasks"] == ["gsm8k"]
+    assert summary["test"]["source"]["file"] == split_files["test"]
+    for split in ("teacher_train", "student_train", "validation"):
+        assert mixed[split] == generated[split] and len(mixed[split]) == sizes[split]
+        assert summary[split]["source"] == {"generated": {"seed": 0, "max_operand": 9}}
+
+
+def test_a_relative_path_is_read_from_root_and_recorded_as_given(tmp_path, split_files):
+    summary = prepare_data(FILE_SIZES, 0, 9, tmp_path / "data", {"test": "gsm8k/test.jsonl"}, root=tmp_path)
+    assert summary["test"]["source"]["file"] == "gsm8k/test.jsonl"
+    assert load_splits(tmp_path / "data")["test"] == load_gsm8k(split_files["test"])
+
+
+def test_no_files_means_every_split_is_generated_from_the_seed(tmp_path):
+    summary = prepare_data(SIZES, 3, 12, tmp_path / "data", {})
+    assert load_splits(tmp_path / "data") == make_splits(SIZES, seed=3, max_operand=12)
+    assert all(s["source"] == {"generated": {"seed": 3, "max_operand": 12}} for s in summary.values())
+
+
+def test_a_split_file_is_validated_like_the_test_loader_naming_file_and_line(tmp_path, split_files):
+    bad = write_lines(tmp_path / "teacher_train.jsonl", [GSM8K_LINES[0], {"question": "q", "answer": "a\n#### 1,00"}])
+    with pytest.raises(ValueError, match=re.escape(f"{bad}:2: the final answer '1,00' after '####' is not an integer")):
+        prepare_data(FILE_SIZES, 0, 9, tmp_path / "data", split_files | {"teacher_train": str(bad)})
+    empty = write_lines(tmp_path / "validation.jsonl", [""])
+    with pytest.raises(ValueError, match=r"validation.jsonl holds no GSM8K example .*point data.files at a GSM8K"):
+        prepare_data(FILE_SIZES, 0, 9, tmp_path / "data", {"validation": str(empty)})
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize(
+    "files, match",
+    [
+        ({"tset": "x.jsonl"}, r"files names unknown splits \['tset'\]; name splits of \['teacher_train', "),
+        ({"test": "missing.jsonl"}, r"files.test: .*missing.jsonl is no file; put the GSM8K-format JSONL there or fix"),
+        ({"test": "gsm8k"}, r"files.test: .*gsm8k is no file"),  # a folder
+        ({"test": None}, r"files.test must be the path of a GSM8K-format JSONL, got None; .*leave the split out"),
+        ({"test": ""}, r"files.test must be the path of a GSM8K-format JSONL, got ''"),
+        (
+            {"teacher_train": "gsm8k/test.jsonl", "test": "gsm8k/../gsm8k/test.jsonl"},
+            r"files.teacher_train and files.test are the same file .*test.jsonl; give each split its own file",
+        ),
+    ],
+)
+def test_bad_files_are_refused_before_anything_is_written(tmp_path, split_files, files, match):
+    with pytest.raises(ValueError, match=match):
+        prepare_data(FILE_SIZES, 0, 9, tmp_path / "data", files, root=tmp_path)
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_size_that_is_not_the_files_number_of_examples_is_refused(tmp_path, split_files):
+    with pytest.raises(ValueError, match=r"sizes.test is 1319 but files.test \(.*test.jsonl\) holds 2 examples; .*"
+                       r"taken whole: set sizes.test: 2, or cut the file"):  # fmt: skip
+        prepare_data(FILE_SIZES | {"test": 1319}, 0, 9, tmp_path / "data", split_files)
+    assert not (tmp_path / "data").exists()
+
+
+def test_sizes_naming_an_unknown_split_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"sizes name unknown splits \['train'\]; give sizes for exactly"):
+        prepare_data(SIZES | {"train": 5}, 0, 9, tmp_path / "data")
+
+
+def test_a_question_in_two_split_files_is_refused_naming_it_and_both_files(tmp_path, split_files):
+    question = "  student_train PROBLEM 1:  Ann has 1 pens\tand buys 1. How many?"  # the same, normalised
+    test = write_lines(tmp_path / "test.jsonl", [GSM8K_LINES[0], {"question": question, "answer": "2 pens\n#### 2"}])
+    match = (
+        r"the question 'student_train PROBLEM 1: .*' is in .*gsm8k/student_train.jsonl:2 \(student_train\) and in "
+        r".*/test.jsonl:2 \(test\); a question in two splits leaks .*remove it from one of the files"
+    )
+    with pytest.raises(ValueError, match=match):
+        prepare_data(FILE_SIZES, 0, 9, tmp_path / "data", split_files | {"test": str(test)})
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_file_question_that_a_generated_split_holds_is_refused(tmp_path):
+    generated = make_splits(SIZES, seed=0, max_operand=9)["student_train"][5]
+    test = write_lines(
+        tmp_path / "test.jsonl", [{"question": generated.question, "answer": f"x\n#### {generated.answer}"}]
+    )
+    match = rf"is in the generated student_train split \({generated.id}\) and in .*test.jsonl:1 \(test\)"
+    with pytest.raises(ValueError, match=match):
+        prepare_data(SIZES | {"test": 1}, 0, 9, tmp_path / "data", {"test": str(test)})

@@ -27,7 +27,8 @@ SCRIPT = textwrap.dedent(
 
     from kvlib.config import ModelShape, TrainConfig
     from kvlib.data import generate
-    from kvlib.distill import Distiller, collate_fn
+    from kvlib.batches import collate_fn
+    from kvlib.distill import Distiller
     from kvlib.text import train_tokenizer
     from kvlib.train import train
 

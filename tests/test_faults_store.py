@@ -16,9 +16,9 @@ from test_kvstore import SPEC, shard_path, synthetic_batch
 from tiny import tiny
 
 from kvlib import kvstore
-from kvlib.data import split_sha256
+from kvlib.data import load_splits, prepare_data, split_sha256
 from kvlib.kvstore import KVStore, _sha256, write_store
-from kvlib.pipeline import load_splits, prepare_data, train_student
+from kvlib.student import train_student
 from kvlib.teacher_kv import extract_store, tokenizer_sha256, weights_sha256
 from kvlib.text import train_tokenizer
 

@@ -17,9 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kvlib.config import KVConfig, ModelShape, TrainConfig
+from kvlib.batches import collate_fn
+from kvlib.config import ModelShape, TrainConfig
 from kvlib.data import generate
-from kvlib.distill import Distiller, TeacherAligner, collate_fn
+from kvlib.distill import Distiller, KVConfig, TeacherAligner
 from kvlib.hf import kv_spec
 from kvlib.layers import layer_map
 from kvlib.teacher_kv import extract_store

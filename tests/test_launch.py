@@ -19,10 +19,12 @@ from tiny import tiny
 
 from kvlib import project_root
 from kvlib.config import load_params
+from kvlib.data import prepare_data
 from kvlib.distill import Distiller
 from kvlib.launch import check_launch, main, run_train
 from kvlib.models import load_model
-from kvlib.pipeline import extract_teacher_kv, prepare_data, train_teacher
+from kvlib.teacher import train_teacher
+from kvlib.teacher_kv import extract_teacher_kv
 
 CONFIGS = project_root() / "params" / "accelerate"
 # config -> (distributed type, processes, machines)

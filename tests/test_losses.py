@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from kvlib.losses import gradient_shares, kv_distance, kv_loss, relation_loss
+from kvlib.losses import kv_distance, kv_loss, relation_loss
+from kvlib.train import gradient_shares
 
 
 def kv(B=2, H=3, T=5, D=4):

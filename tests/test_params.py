@@ -6,7 +6,8 @@ import papermill
 import pytest
 
 from kvlib import project_root
-from kvlib.config import GroupConfig, ModelConfig, check_study, load_params
+from kvlib.config import ModelConfig, check_study, load_params
+from kvlib.distill import GroupConfig
 
 PARAMS = sorted((project_root() / "params").glob("*.yaml"))
 

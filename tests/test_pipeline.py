@@ -4,18 +4,14 @@ import json
 
 import pytest
 
+from kvlib.checkpoints import load_trained
 from kvlib.config import ModelConfig
-from kvlib.data import load_jsonl, split_sha256
+from kvlib.data import load_jsonl, load_splits, prepare_data, split_sha256
+from kvlib.evaluate import evaluate_student
 from kvlib.kvstore import KVStore
-from kvlib.pipeline import (
-    evaluate_student,
-    extract_teacher_kv,
-    load_splits,
-    load_trained,
-    prepare_data,
-    train_student,
-    train_teacher,
-)
+from kvlib.student import train_student
+from kvlib.teacher import train_teacher
+from kvlib.teacher_kv import extract_teacher_kv
 
 SIZES = {"teacher_train": 24, "student_train": 12, "validation": 4, "test": 6}
 TRAIN = {"steps": 3, "batch_size": 4, "warmup_steps": 1, "log_every": 1, "save_every": 10, "share_every": 0}
@@ -146,6 +142,6 @@ def test_data_stage_takes_a_gsm8k_file_as_test_split(tmp_path):
     gsm8k = tmp_path / "gsm8k.jsonl"
     record = {"question": "Ann has 3 pens and buys 4. How many?", "answer": "She has <<3+4=7>>7.\n#### 7"}
     gsm8k.write_text(json.dumps(record) + "\n")
-    splits = prepare_data(SIZES | {"test": 0}, 0, 9, tmp_path / "data", gsm8k_test=str(gsm8k))
+    splits = prepare_data(SIZES | {"test": 1}, 0, 9, tmp_path / "data", files={"test": str(gsm8k)})
     assert splits["test"]["n"] == 1 and splits["test"]["tasks"] == ["gsm8k"]
     assert load_splits(tmp_path / "data")["test"][0].answer == "7"

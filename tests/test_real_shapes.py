@@ -5,9 +5,10 @@ random weights, fewer layers so that CPU memory suffices): Qwen2.5-1.5B -> Qwen2
 import pytest
 import torch
 
-from kvlib.config import KVConfig, TrainConfig
+from kvlib.batches import collate_fn
+from kvlib.config import TrainConfig
 from kvlib.data import SEGMENTS, generate
-from kvlib.distill import Distiller, TeacherAligner, collate_fn
+from kvlib.distill import Distiller, KVConfig, TeacherAligner
 from kvlib.hf import kv_spec
 from kvlib.layers import layer_map
 from kvlib.models import REAL_SHAPES, build_model, load_model, real_config

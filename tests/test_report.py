@@ -1,6 +1,6 @@
 import numpy as np
 
-from kvlib.report import render, verdict
+from kvlib.report import render, stage_figures, verdict
 from kvlib.stats import compare_to_control, seed_summary
 
 PLAN = {
@@ -16,7 +16,7 @@ PLAN = {
 }
 
 
-def study(effect: float):
+def study(effect: float, figures: dict | None = None):
     rng = np.random.default_rng(0)
     base = rng.random((2, 400)) < 0.3
     better = rng.random((2, 400)) < 0.3 + effect
@@ -27,7 +27,7 @@ def study(effect: float):
     splits = {"test": {"n": 400, "sha256": "ab" * 32}}
     teachers = {"A": {"model_type": "qwen2", "kv_spec": {"num_layers": 4, "num_kv_heads": 2, "head_dim": 16},
                       "parameters": 1000, "accuracy": 0.5, "train_seconds": 10.0}}  # fmt: skip
-    figures = {"Forest plot": "figures/forest.png"}
+    figures = figures or {"Forest plot": "figures/forest.png"}
     return render(PLAN, splits, teachers, accuracy, stats, figures, identical={"NC": "G1"}), stats
 
 
@@ -54,3 +54,21 @@ def test_no_effect_is_reported_as_no_significant_difference():
 def test_identical_groups_are_pointed_out():
     text, _ = study(0.0)
     assert "Note: NC made exactly the same predictions as G1 for every seed and test example" in text
+
+
+def test_the_report_links_the_teachers_curves_and_the_head_cka_relative_to_its_folder(tmp_path):
+    reports = tmp_path / "reports"
+    for path in ("teachers/A/learning_curve.png", "alignment/heads.png", "alignment/cka.png"):
+        (reports / path).parent.mkdir(parents=True, exist_ok=True)
+        (reports / path).write_bytes(b"png")
+    (reports / "teachers" / "B").mkdir()  # a teacher that was not trained has no learning curve
+    figures = stage_figures(reports, reports, ["A", "B"])
+    assert figures == {
+        "Teacher A: training cross-entropy": "teachers/A/learning_curve.png",
+        "Teacher x student CKA per layer": "alignment/cka.png",
+        "Teacher x student CKA per KV head (last layer's keys)": "alignment/heads.png",
+    }
+    text, _ = study(0.0, figures)
+    assert "![Teacher A: training cross-entropy](teachers/A/learning_curve.png)" in text
+    assert "![Teacher x student CKA per KV head (last layer's keys)](alignment/heads.png)" in text
+    assert "teachers/B" not in text

@@ -15,7 +15,16 @@ from kvlib import project_root
 from kvlib.config import OPTIONS, load_params
 from kvlib.files import atomic_write, save_figure, write_text
 from kvlib.kvstore import write_store
-from kvlib.runner import MARKER, check_parameters, notebook_for, parse_sets, run_pipeline, run_stage, stage_parameters
+from kvlib.runner import (
+    MARKER,
+    check_parameters,
+    execute,
+    notebook_for,
+    parse_sets,
+    run_pipeline,
+    run_stage,
+    stage_parameters,
+)
 
 ROOT = project_root()
 PARAMS = sorted((ROOT / "params").glob("*.yaml"))
@@ -54,9 +63,12 @@ def test_params_sections_pass_every_check_before_running(params_file):
 
 def test_dvc_stages_run_their_notebooks_with_their_params_section():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    for stage in stages.values():
+    for name, stage in stages.items():
         body = stage.get("do", stage)
         cmd = body["cmd"].split()
+        if name == "inputs":  # hashes what the params name outside the project (kvlib.inputs); no notebook
+            assert cmd == ["python", "-m", "kvlib.inputs", "--params", "params/default.yaml", "--out", "reports/inputs"]
+            continue
         assert cmd[:4] == ["python", "-m", "kvlib.runner", cmd[3]] and cmd[4:6] == ["--params", "params/default.yaml"]
         assert str(notebook_for(cmd[3]).relative_to(ROOT)) in body["deps"]
 
@@ -70,7 +82,8 @@ def test_sets_are_parsed_as_yaml():
     }
 
 
-def test_run_stage_executes_the_notebook_and_exports_html(tmp_path):
+def test_run_stage_executes_the_notebook_and_exports_styled_html_with_a_quiet_log(tmp_path, capfd, monkeypatch):
+    monkeypatch.delenv("PYTEST_CURRENT_TEST")  # else the kernel leaves its stdout and stderr to pytest's capture
     params = tmp_path / "params.yaml"
     sizes = {"teacher_train": 4, "student_train": 4, "validation": 2, "test": 2}
     section = {"sizes": sizes, "out_dir": str(tmp_path / "data"), "report_dir": str(tmp_path / "report")}
@@ -81,9 +94,39 @@ def test_run_stage_executes_the_notebook_and_exports_html(tmp_path):
     executed = run_stage("data", params, {"seed": 3}, executed_dir=tmp_path / "executed")
     assert executed == tmp_path / "executed" / "01_data-3.ipynb"
     assert sorted(p.name for p in executed.parent.iterdir()) == ["01_data-3.html", "01_data-3.ipynb"]
-    assert executed.with_suffix(".html").read_text().startswith("<!DOCTYPE html>")
+    html = executed.with_suffix(".html").read_text()
+    assert html.startswith("<!DOCTYPE html>") and "<title>01_data-3</title>" in html
+    assert html.count("<style") >= 2 and ".jp-Notebook" in html  # JupyterLab's stylesheet, inline
     splits = json.loads((tmp_path / "report" / "splits.json").read_text())
     assert {name: s["n"] for name, s in splits.items()} == sizes
+    out, err = capfd.readouterr()
+    assert "teacher_train       4 examples" in out  # what the cells print is streamed
+    assert out.count("[kvlib]") == 2 and "Executing Cell" not in out + err and "Input Notebook" not in out + err
+    assert err == ""  # no kernel warnings, no KeyboardInterrupt at its shutdown
+
+
+def test_bars_reach_the_runners_stderr_from_kernel_and_subprocess_and_stay_out_of_the_notebook(
+    tmp_path, capfd, monkeypatch
+):
+    monkeypatch.delenv("PYTEST_CURRENT_TEST")  # else the kernel leaves its stdout and stderr to pytest's capture
+    child = "from kvlib.progress import progress\nfor _ in progress(range(2), desc='child bar'): pass"
+    cells = [
+        "n: int = 1  # bar length",
+        "import subprocess, sys\nfrom kvlib.progress import progress\nfor _ in progress(range(n), desc='kernel bar'):\n"
+        f"    print('a cell prints')\nsubprocess.run([sys.executable, '-c', {child!r}], check=True)",
+        "log = get_ipython().kernel.log\nlog.error('KeyboardInterrupt caught in kernel.')\nlog.error('a real error')",
+    ]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    nb.cells[0].metadata["tags"] = ["parameters"]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "bars.ipynb")
+    execute(tmp_path / "bars.ipynb", tmp_path / "out.ipynb", {"n": 3}, ROOT)
+    out, err = capfd.readouterr()
+    assert out == "a cell prints\n" * 3
+    assert "kernel bar: 100%" in err and "3/3" in err and "child bar: 100%" in err
+    assert "a real error" in err and "KeyboardInterrupt" not in err  # only the shutdown's false one is dropped
+    streams = [o for c in nbformat.read(tmp_path / "out.ipynb", as_version=4).cells for o in c.get("outputs", [])]
+    assert "".join(o.get("text", "") for o in streams) == "a cell prints\n" * 3
 
 
 def test_unknown_stage_lists_the_stages():
@@ -114,18 +157,9 @@ def test_project_root_is_found_from_a_subfolder_and_required(tmp_path):
         project_root(tmp_path)
 
 
-def test_training_stages_depend_on_every_module_their_results_come_from():
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    outside = {"runner.py", "stats.py", "report.py", "analysis.py", "benchmark.py"}  # no trained result uses them
-    modules = {f"kvlib/{p.name}" for p in (ROOT / "kvlib").glob("*.py") if p.name not in outside}
-    for name in ("teacher", "teacher_kv", "train_control", "train", "evaluate"):
-        body = stages[name].get("do", stages[name])
-        assert modules <= set(body["deps"]), f"{name} misses {sorted(modules - set(body['deps']))}"
-
-
-def test_a_failed_stage_keeps_the_previous_notebook_and_its_own_under_a_failed_name(tmp_path):
+def test_a_failed_stage_keeps_the_previous_notebook_and_its_own_under_a_failed_name(tmp_path, capfd):
     params = tmp_path / "params.yaml"
-    section = {"gsm8k_test": str(tmp_path / "missing.jsonl")}
+    section = {"files": {"test": str(tmp_path / "missing.jsonl")}}
     section |= {"out_dir": str(tmp_path / "data"), "report_dir": str(tmp_path / "report")}
     params.write_text(yaml.safe_dump({"allow_outside_project": True, "data": section}))
     executed = tmp_path / "executed"
@@ -140,6 +174,10 @@ def test_a_failed_stage_keeps_the_previous_notebook_and_its_own_under_a_failed_n
     )
     failed = nbformat.read(executed / "01_data.failed.ipynb", as_version=4)
     assert any(o.get("output_type") == "error" for c in failed.cells for o in c.get("outputs", []))
+    assert (
+        f"[kvlib] stage data failed; its executed notebook is {executed / '01_data.failed.ipynb'}"
+        in capfd.readouterr().out
+    )
 
 
 def test_atomic_writes_give_files_the_mode_a_plain_open_would(tmp_path):

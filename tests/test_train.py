@@ -6,9 +6,10 @@ import pytest
 import torch
 from accelerate.utils import DistributedType
 
-from kvlib.config import KVConfig, ModelShape, TrainConfig
+from kvlib.batches import collate_fn
+from kvlib.config import ModelShape, TrainConfig
 from kvlib.data import generate
-from kvlib.distill import Distiller, TeacherAligner, collate_fn, shuffle_time
+from kvlib.distill import Distiller, KVConfig, TeacherAligner, shuffle_time
 from kvlib.evaluate import evaluate
 from kvlib.evaluate import generate as greedy
 from kvlib.fusion import make_fusion

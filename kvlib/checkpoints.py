@@ -1,0 +1,47 @@
+"""Models and tokenizers of a stage: built from a shape, loaded from a local checkpoint, or left by a stage.
+
+``build`` gives a model and its tokenizer from a ``ModelConfig``: the checkpoint ``path`` with its own
+tokenizer (checked to fit the embedding), or a model of ``shape`` with a tokenizer trained on the given
+texts. ``load_trained`` reads back what a teacher or student stage left in its folder: ``model/`` and
+``tokenizer/``, or, for a checkpoint used as it is, the directory named in ``checkpoint.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from kvlib.config import ModelConfig
+from kvlib.models import check_vocabulary, load_model
+from kvlib.text import load_tokenizer, train_tokenizer
+
+
+def build(cfg: ModelConfig, texts: list[str], seed: int):
+    """A model and its tokenizer: from the checkpoint ``cfg.path``, or built from ``cfg.shape`` with a
+    tokenizer trained on ``texts``."""
+    if cfg.path:
+        model, tokenizer = load_model(cfg.path), load_tokenizer(cfg.path)  # trained by accelerate, which places it
+        check_vocabulary(model, tokenizer)
+        return model, tokenizer
+    tokenizer = train_tokenizer(cfg.tokenizer.kind, texts, cfg.tokenizer.vocab_size)
+    return cfg.shape.build(len(tokenizer), seed), tokenizer
+
+
+def load_trained(model_dir: str | Path, inference: bool = False):
+    """The model and tokenizer a teacher or student stage left in ``model_dir``: ``model/`` and ``tokenizer/``,
+    or, for a checkpoint used as it is, the directory named in ``checkpoint.json``. For ``inference`` on a
+    machine with a GPU the model is put there in bfloat16 (real checkpoints); on a CPU it stays float32."""
+    model_dir = Path(model_dir)
+    pointer = model_dir / "checkpoint.json"
+    if not pointer.exists() and not (model_dir / "model").is_dir():
+        raise ValueError(
+            f"{model_dir.name} was not trained: no {model_dir / 'model'} (nor a checkpoint.json); run its train stage"
+        )
+    path = json.loads(pointer.read_text())["path"] if pointer.exists() else model_dir / "model"
+    gpu = inference and torch.cuda.is_available()
+    model = load_model(path, torch.bfloat16 if gpu else None)
+    tokenizer = load_tokenizer(path if pointer.exists() else model_dir / "tokenizer")
+    check_vocabulary(model, tokenizer)
+    return (model.to("cuda") if gpu else model), tokenizer
