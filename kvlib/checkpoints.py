@@ -17,6 +17,11 @@ from kvlib.config import ModelConfig
 from kvlib.models import check_vocabulary, load_model
 from kvlib.text import load_tokenizer, train_tokenizer
 
+SMOKE_HINT = (  # the notebooks' smoke defaults read build/smoke/, which a fresh clone lacks
+    " (a notebook's smoke defaults read build/smoke/: build it first with "
+    "`.venv/bin/python -m kvlib.runner pipeline --params params/smoke.yaml --workdir build/smoke`)"
+)
+
 
 def build(cfg: ModelConfig, texts: list[str], seed: int):
     """A model and its tokenizer: from the checkpoint ``cfg.path``, or built from ``cfg.shape`` with a
@@ -38,6 +43,12 @@ def load_trained(model_dir: str | Path, inference: bool = False):
     if not pointer.exists() and not (model_dir / "model").is_dir():
         raise ValueError(
             f"{model_dir.name} was not trained: no {model_dir / 'model'} (nor a checkpoint.json); run its train stage"
+            f"{SMOKE_HINT if 'build/smoke' in model_dir.as_posix() else ''}"
+        )
+    if not pointer.exists() and not (model_dir / "tokenizer" / "tokenizer.json").is_file():
+        raise ValueError(
+            f"{model_dir} holds a model but no tokenizer/tokenizer.json: the stage that trained it was interrupted "
+            "before it saved the tokenizer; run that stage again"
         )
     path = json.loads(pointer.read_text())["path"] if pointer.exists() else model_dir / "model"
     gpu = inference and torch.cuda.is_available()

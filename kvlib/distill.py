@@ -3,13 +3,15 @@
 ``TeacherAligner`` (one per teacher) applies the four alignment axes in a fixed order:
 
 1. **layers**: each student layer's target is the layer map's weighted sum of teacher layers;
-2. **time**: ``time_alignment`` (global / segment / span) carries the teacher's tokens onto the
-   student's, per example, as one ``(B, Ts, Tt)`` matrix (doing this before projecting keeps the
-   projector's work on the shorter axis when the teacher reads characters);
+2. **time**: ``time_taps`` (global / segment / span) carries the teacher's tokens onto the student's, per
+   example: each student step is a weighted sum of k teacher steps (a gather), O(B Ht Ts k Dt) per teacher
+   layer and never a ``(Ts, Tt)`` matrix (doing this before projecting keeps the projector's work on the
+   shorter axis when the teacher reads characters); the layer mix of 1. is applied after it, on Ts steps;
 3. **heads and head dim**: one ``KVProjector`` per student layer.
 
 With ``shuffle_time`` (the negative control) each example's real teacher steps are put in a random
-order first, so the targets keep the teacher's statistics but lose their relation to the text.
+order first, so the targets keep the teacher's statistics but lose their relation to the text (the aligner
+moves the taps' targets instead of the KV: tap ``j`` reads step ``order[j]``).
 
 ``Distiller`` owns the student, the aligners and, for several teachers, a ``kvlib.fusion`` module,
 so that ``accelerate`` wraps one module whose ``forward`` holds all trainable computation. Its
@@ -37,7 +39,7 @@ from kvlib.losses import kv_loss, relation_loss
 from kvlib.objective import next_token_loss
 from kvlib.projectors import KINDS as PROJECTORS
 from kvlib.projectors import KVProjector
-from kvlib.resample import ALIGNMENTS, time_alignment
+from kvlib.resample import ALIGNMENTS, time_taps
 from kvlib.rope import unrotate_keys
 
 
@@ -110,10 +112,15 @@ class GroupConfig:
         return from_dict(cls, params)
 
 
+def shuffle_order(real: Tensor) -> Tensor:
+    """(B, T) long: per example a random order of its real steps (real (B, T), right-padded); padding stays put."""
+    return torch.rand(real.shape, device=real.device).masked_fill(~real, 2.0).argsort(dim=1)  # (B, T)
+
+
 def shuffle_time(kv: list[tuple[Tensor, Tensor]], keep: Tensor, real: Tensor) -> tuple[list, Tensor]:
     """The negative control: each example's real time steps (real (B, T)) in one random order, shared by all
     layers and heads; padding stays in place. kv: L pairs of (B, H, T, D); keep: (B, H, T)."""
-    order = torch.rand(real.shape, device=real.device).masked_fill(~real, 2.0).argsort(dim=1)  # (B, T)
+    order = shuffle_order(real)  # (B, T)
     B, H, T, D = kv[0][0].shape
     idx = order[:, None, :, None].expand(B, H, T, D)
     return [(k.gather(2, idx), v.gather(2, idx)) for k, v in kv], keep.gather(2, order[:, None].expand(B, H, T))
@@ -152,7 +159,7 @@ class TeacherAligner(nn.Module):
             raise ValueError(
                 f"teacher batch has {len(kv_t)} layers but the aligner was built for {self.spec_t.num_layers}"
             )
-        A = time_alignment(
+        index, weight = time_taps(
             self.time_align,
             teacher["attention_mask"].bool(),
             student["attention_mask"].bool(),
@@ -160,17 +167,26 @@ class TeacherAligner(nn.Module):
             student["offsets"],
             teacher["segment_bounds"],
             student["segment_bounds"],
-        )  # (B, Ts, Tt)
-        if self.shuffle_time:
-            kv_t, keep = shuffle_time(kv_t, keep, teacher["attention_mask"].bool())
-        A = A[:, None] * keep.float()[:, :, None, :]  # (B, Ht, Ts, Tt): each head reads only what it holds
-        mass = A.sum(-1)  # (B, Ht, Ts)
-        A = A / mass.clamp(min=1e-12)[..., None]
-        keys = torch.stack([k for k, _ in kv_t]).float()  # (Lt, B, Ht, Tt, Dt)
-        values = torch.stack([v for _, v in kv_t]).float()
-        keys = torch.einsum("sl,lbhtd,bhxt->sbhxd", self.layer_weights, keys, A)  # (Ls, B, Ht, Ts, Dt)
-        values = torch.einsum("sl,lbhtd,bhxt->sbhxd", self.layer_weights, values, A)
-        targets = [proj(k, v) for proj, k, v in zip(self.projectors, keys, values)]  # Ls x (B, Hs, Ts, Ds)
+        )  # (B, Ts, k) each
+        (B, Ts, k), Ht = index.shape, keep.shape[1]
+        if self.shuffle_time:  # tap j reads the step the shuffle puts at j
+            order = shuffle_order(teacher["attention_mask"].bool())  # (B, Tt)
+            index = order.gather(1, index.flatten(1)).view(B, Ts, k)  # (B, Ts, k)
+        index = index[:, None].expand(B, Ht, Ts, k)  # (B, Ht, Ts, k)
+        w = weight[:, None] * keep.gather(2, index.flatten(2)).view(B, Ht, Ts, k).float()  # (B, Ht, Ts, k)
+        mass = w.sum(-1)  # (B, Ht, Ts): each head reads only what it holds
+        w = w / mass.clamp(min=1e-12)[..., None]
+
+        def read(x: Tensor) -> Tensor:  # (B, Ht, Tt, Dt) -> (B, Ht, Ts, Dt): the weighted sum of each step's taps
+            x, D = x.float(), x.shape[-1]
+            taps = (w[..., j, None] * x.gather(2, index[..., j, None].expand(B, Ht, Ts, D)) for j in range(k))
+            return sum(taps, x.new_zeros(B, Ht, Ts, D))
+
+        keys = torch.stack([read(kt) for kt, _ in kv_t])  # (Lt, B, Ht, Ts, Dt)
+        values = torch.stack([read(vt) for _, vt in kv_t])
+        keys = torch.einsum("sl,lbhxd->sbhxd", self.layer_weights, keys)  # (Ls, B, Ht, Ts, Dt)
+        values = torch.einsum("sl,lbhxd->sbhxd", self.layer_weights, values)
+        targets = [proj(ks, vs) for proj, ks, vs in zip(self.projectors, keys, values)]  # Ls x (B, Hs, Ts, Ds)
         covered = student["attention_mask"].bool() & (mass > 0).all(1)  # (B, Ts): every teacher head reaches it
         return targets, list(zip(keys, values)), covered
 

@@ -29,8 +29,18 @@ Choices:
   shard ranges contiguous over the ids). The first read of a shard checks its size and SHA-256, that its
   tensors are the ones the manifest describes (layers, KV heads, head dim, examples, tokens, slots, dtype)
   and that its K and V are finite; the shard is then kept in memory (read into owned memory, not
-  memory-mapped, so rewriting the store cannot change what a reader holds). Every failure is a
-  ``ValueError`` naming the file, the field or tensor, and the fix.
+  memory-mapped, so rewriting the store cannot change what a reader holds, and truncating a file cannot
+  crash it with SIGBUS). Every failure is a ``ValueError`` naming the file, the field or tensor, and the fix.
+- Stores larger than memory: ``KVStore(directory, cache_bytes=...)`` keeps at most that many bytes of shards
+  (their file sizes from the manifest), evicting the least recently used, and re-reads an evicted shard
+  when a batch needs it again. A bound in bytes, not shards, because memory is what a user has to give and
+  shards differ in size (example lengths, the last shard, compression). A re-read does not hash the file
+  again: verification records the file's identity (device, inode, size, mtime in ns), and a re-read whose
+  file still has it is trusted; a file replaced or edited since (new inode, size or mtime) is verified
+  again, so a shard corrupted after it was evicted is refused. An in-place edit that keeps the size within
+  the filesystem's timestamp tick of the verification goes unseen, as it does for make and rsync. Shards
+  are read whole: under shuffled training a batch of B examples reads up to B shards, so write the store
+  with a ``shard_size`` near the micro-batch when the cache is much smaller than the store.
 - Batches must be right-padded. A value that does not fit the storage dtype raises instead of becoming
   inf (use ``bfloat16`` for teachers with huge activations).
 
@@ -45,7 +55,7 @@ import hashlib
 import json
 import os
 import stat
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -339,7 +349,14 @@ def _check_manifest(manifest: dict, path: Path) -> None:
 class KVStore:
     """A store written by :func:`write_store`; :meth:`batch` reads examples back, padded, as float32."""
 
-    def __init__(self, directory):
+    def __init__(self, directory, cache_bytes: int | None = None):
+        """Open the store in ``directory``; ``cache_bytes`` bounds the shards kept in memory (their file sizes),
+        ``None`` keeps every shard read."""
+        if cache_bytes is not None and (type(cache_bytes) is not int or cache_bytes < 1):
+            raise ValueError(
+                f"cache_bytes is the most bytes of shards kept in memory and must be a positive int or None "
+                f"(no bound), got {cache_bytes!r}"
+            )
         self.directory = Path(directory)
         path = self.directory / MANIFEST
         if not path.is_file():
@@ -358,7 +375,15 @@ class KVStore:
         self.dtype = DTYPES[manifest["dtype"]]
         self._shards: list[dict] = manifest["shards"]
         self._starts = torch.tensor([s["start"] for s in self._shards])
-        self._cache: dict[int, dict[str, Tensor]] = {}
+        largest = max(self._shards, key=lambda entry: entry["bytes"])
+        if cache_bytes is not None and cache_bytes < largest["bytes"]:
+            raise ValueError(
+                f"cache_bytes={cache_bytes} cannot hold the store's largest shard, {largest['file']} of "
+                f"{largest['bytes']} bytes; give at least that, or write the store with a smaller shard_size"
+            )
+        self.cache_bytes = cache_bytes
+        self._cache: OrderedDict[int, dict[str, Tensor]] = OrderedDict()  # least recently used first
+        self._verified: dict[int, tuple[int, int, int, int]] = {}  # shard number -> (dev, inode, size, mtime_ns)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -427,30 +452,44 @@ class KVStore:
                     )
 
     def _shard(self, number: int) -> dict[str, Tensor]:
-        """Shard ``number``'s tensors, verified against the manifest the first time and then cached."""
-        if number not in self._cache:
-            entry = self._shards[number]
-            path = self.directory / entry["file"]
-            if not path.is_file():
-                raise ValueError(f"shard {path} is missing; {FIX}")
-            size = path.stat().st_size
-            if size != entry["bytes"]:
-                raise ValueError(
-                    f"shard {path} holds {size} bytes but the manifest records {entry['bytes']}: it is truncated or "
-                    f"was overwritten; {FIX}"
-                )
+        """Shard ``number``'s tensors, from the cache or read from disk; verified against the manifest the first
+        time, and again only if its file changed since."""
+        if number in self._cache:
+            self._cache.move_to_end(number)
+            return self._cache[number]
+        entry = self._shards[number]
+        path = self.directory / entry["file"]
+        if not path.is_file():
+            raise ValueError(f"shard {path} is missing; {FIX}")
+        st = path.stat()
+        if st.st_size != entry["bytes"]:
+            raise ValueError(
+                f"shard {path} holds {st.st_size} bytes but the manifest records {entry['bytes']}: it is truncated or "
+                f"was overwritten; {FIX}"
+            )
+        identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        verify = self._verified.get(number) != identity
+        if verify:
             digest = _sha256(path)
             if digest != entry["sha256"]:
                 raise ValueError(
                     f"shard {path} fails its checksum: expected sha256 {entry['sha256']}, got {digest}; the file is "
                     f"corrupted, {FIX}"
                 )
-            t = load_file(path, backend="pread")  # owned memory: an mmap would change under a rewritten store
+        t = load_file(path, backend="pread")  # owned memory: an mmap would change under a rewritten store
+        if verify:
             self._check_shard(t, entry, path)
-            t["token_start"] = t["lengths"].cumsum(0) - t["lengths"]  # (n,) first token of each example
-            t["slot_start"] = t["slots"].cumsum(0) - t["slots"]  # (n,) first stored slot of each example
-            self._cache[number] = t
-        return self._cache[number]
+            self._verified[number] = identity
+        t["token_start"] = t["lengths"].cumsum(0) - t["lengths"]  # (n,) first token of each example
+        t["slot_start"] = t["slots"].cumsum(0) - t["slots"]  # (n,) first stored slot of each example
+        self._cache[number] = t
+        while self.cache_bytes is not None and self._cached_bytes() > self.cache_bytes:
+            self._cache.popitem(last=False)  # never the shard just read: it fits alone
+        return t
+
+    def _cached_bytes(self) -> int:
+        """The file bytes of the shards in the cache."""
+        return sum(self._shards[number]["bytes"] for number in self._cache)
 
     def batch(self, indices: Sequence[int]) -> dict:
         """Examples ``indices``, right-padded to the longest of them.
@@ -466,9 +505,10 @@ class KVStore:
         shard_of = torch.searchsorted(self._starts, idx, right=True) - 1  # (B,)
         local = idx - self._starts[shard_of]  # (B,) example number inside its shard
         groups = {s: (shard_of == s).nonzero().flatten() for s in shard_of.unique().tolist()}
+        shards = {s: self._shard(s) for s in groups}  # held while the batch is built, even if the cache evicts them
         lengths = torch.zeros(len(idx), dtype=torch.long)
         for s, rows in groups.items():
-            lengths[rows] = self._shard(s)["lengths"][local[rows]]
+            lengths[rows] = shards[s]["lengths"][local[rows]]
         B, H, T, D = len(idx), self.spec.num_kv_heads, int(lengths.max()), self.spec.head_dim
         time = torch.arange(T)
         attention_mask = (time < lengths[:, None]).long()  # (B, T)
@@ -477,7 +517,7 @@ class KVStore:
         offsets = torch.zeros(B, T, 2, dtype=torch.long)
         bounds = None
         for s, rows in groups.items():  # one vectorised gather per shard the batch touches
-            t, loc = self._shard(s), local[rows]
+            t, loc = shards[s], local[rows]
             real = attention_mask[rows].bool()  # (b, T)
             token = (t["token_start"][loc, None] + time).clamp(max=t["offsets"].shape[0] - 1)  # (b, T)
             offsets[rows] = t["offsets"][token].masked_fill(~real[..., None], 0)  # (b, T, 2)

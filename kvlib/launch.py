@@ -59,6 +59,7 @@ def train_here(parameters: dict, group: str, seed: int, progress: bool = True) -
         root / parameters["kv_root"],
         alignment if alignment.exists() else None,
         progress,
+        parameters["store_cache_mib"] * 2**20 or None,  # 0: every shard read stays in memory
     )
 
 

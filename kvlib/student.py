@@ -42,12 +42,14 @@ def train_student(
     kv_root: str | Path | None = None,
     alignment_dir: str | Path | None = None,
     progress: bool = True,
+    store_cache_bytes: int | None = None,
 ) -> dict:
     """Train one student (one group, one seed) on the student-training split; returns the training summary.
 
     ``group``: ``teachers`` (names of stores under ``kv_root``; none = CE only), ``kv`` (KVConfig) and,
     for several teachers, ``fusion`` (FusionConfig). A ``cka`` layer map reads the teacher x student CKA
-    matrices the alignment stage wrote to ``alignment_dir/cka_<teacher>.json``.
+    matrices the alignment stage wrote to ``alignment_dir/cka_<teacher>.json``. ``store_cache_bytes`` bounds the
+    bytes of shards each teacher's store keeps in memory (``KVStore``'s ``cache_bytes``; None: no bound).
     """
     g = GroupConfig.from_params(group)
     cfg = ModelConfig.from_params(params)
@@ -74,7 +76,7 @@ def train_student(
                 f"{name!r} must be a teacher of the study (teacher.teachers and study.teachers in the params) whose "
                 "teacher_kv stage has run"
             )
-        store = KVStore(directory)
+        store = KVStore(directory, cache_bytes=store_cache_bytes)
         if store.meta.get("examples_sha256") != examples_sha:
             raise ValueError(
                 f"the KV store of teacher {name} was extracted over other examples (sha256 "

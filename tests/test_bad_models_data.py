@@ -270,3 +270,14 @@ def test_teacher_kv_extraction_refuses_an_example_longer_than_the_teachers_posit
     with pytest.raises(ValueError, match=r"more than the model's max_position_embeddings=64 \(2 of 2 examples"):
         extract_store(model, tokenizer, examples, tmp_path / "kv", progress=False)
     assert not (tmp_path / "kv").exists()
+
+
+def test_a_smoke_default_that_was_never_built_says_how_to_build_it(tmp_path):
+    with pytest.raises(ValueError, match=r"was not trained.*smoke defaults read build/smoke/: build it first with"):
+        load_trained(tmp_path / "build" / "smoke" / "artifacts" / "students" / "G0-0")
+
+
+def test_a_model_without_its_tokenizer_says_its_stage_was_interrupted(tmp_path):
+    (tmp_path / "G0-0" / "model").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"holds a model but no tokenizer/tokenizer.json: .* run that stage again"):
+        load_trained(tmp_path / "G0-0")

@@ -1,10 +1,14 @@
 import hashlib
 import json
+import os
+from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
+from kvlib import kvstore
 from kvlib.compress import gather_slots, select_slots
 from kvlib.hf import KVSpec, extract_kv, kv_spec
 from kvlib.kvstore import KVStore, write_store
@@ -444,3 +448,124 @@ def test_write_rejects_an_empty_dataset(tmp_path):
     with pytest.raises(ValueError, match="kv_batches yielded no examples"):
         write_store(tmp_path, [], SPEC, {})
     assert not (tmp_path / "manifest.json").exists()
+
+
+# a cache smaller than the store
+
+
+@pytest.fixture
+def four_shards(tmp_path):
+    """8 examples of 4 tokens in 4 shards of the same size, so a cache of one shard's bytes holds one shard."""
+    batches = [synthetic_batch(first, [4, 4, 4, 4]) for first in (0, 4)]
+    return write_store(tmp_path, batches, SPEC, {}, shard_size=2)
+
+
+def shard_bytes(directory) -> list[int]:
+    return [entry["bytes"] for entry in json.loads((directory / "manifest.json").read_text())["shards"]]
+
+
+BATCHES = [[0, 7], [2, 3, 4], [6, 1], [5], [7, 0, 3]]  # every shard, more than once, some batches spanning shards
+
+
+def test_a_cache_of_one_shard_gives_the_same_batches_as_an_unbounded_one(four_shards):
+    sizes = shard_bytes(four_shards)
+    assert min(sizes) * 2 > max(sizes)  # any two shards exceed the bound
+    bounded, unbounded = KVStore(four_shards, cache_bytes=max(sizes)), KVStore(four_shards)
+    for indices in BATCHES:
+        a, b = bounded.batch(indices), unbounded.batch(indices)
+        for (k, v), (k0, v0) in zip(a["kv"], b["kv"], strict=True):
+            assert torch.equal(k, k0) and torch.equal(v, v0)
+        for name in ("mask", "attention_mask", "offsets", "segment_bounds"):
+            assert torch.equal(a[name], b[name])
+        assert len(bounded._cache) == 1 and bounded._cached_bytes() <= bounded.cache_bytes
+    assert len(unbounded._cache) == 4
+
+
+def test_the_cache_evicts_the_least_recently_used_shard(four_shards):
+    store = KVStore(four_shards, cache_bytes=2 * max(shard_bytes(four_shards)))
+    store.batch([0])  # shard 0
+    store.batch([2])  # shard 1
+    store.batch([1])  # shard 0 again: now the most recent
+    store.batch([4])  # shard 2 evicts shard 1
+    assert list(store._cache) == [0, 2]
+
+
+def count_calls(monkeypatch, name: str) -> Counter:
+    """Count the calls of ``kvlib.kvstore.<name>`` by the file they read."""
+    calls, real = Counter(), getattr(kvstore, name)
+
+    def counted(path, *args, **kwargs):
+        calls[Path(path).name] += 1
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(kvstore, name, counted)
+    return calls
+
+
+def test_each_shard_is_hashed_once_per_store_across_evictions(four_shards, monkeypatch):
+    hashed, loaded = count_calls(monkeypatch, "_sha256"), count_calls(monkeypatch, "load_file")
+    store = KVStore(four_shards, cache_bytes=max(shard_bytes(four_shards)))
+    for indices in BATCHES:
+        store.batch(indices)
+    files = [entry["file"] for entry in store._shards]
+    assert hashed == Counter(files)  # once each
+    assert sum(loaded.values()) > len(files)  # though evicted shards were read again
+    KVStore(four_shards).batch([0])
+    assert hashed[files[0]] == 2  # once per KVStore: a new one verifies again
+
+
+def corrupt_in_place(path) -> None:
+    """Flip a byte of the tensor data, keeping size and inode, as an edit a second later would."""
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    mtime = path.stat().st_mtime_ns
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(mtime + 10**9, mtime + 10**9))  # a later edit; a same-tick edit keeps the mtime and goes unseen
+
+
+def corrupt_by_replacing(path) -> None:
+    """Replace the file by a corrupted copy: same size and name, another inode."""
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    copy = path.with_suffix(".copy")
+    copy.write_bytes(bytes(data))
+    os.replace(copy, path)
+
+
+@pytest.mark.parametrize("corrupt", [corrupt_in_place, corrupt_by_replacing])
+def test_a_shard_corrupted_after_it_was_verified_and_evicted_is_refused_on_re_read(four_shards, corrupt):
+    store = KVStore(four_shards, cache_bytes=max(shard_bytes(four_shards)))
+    store.batch([0])  # shard 0 verified
+    store.batch([2])  # and evicted
+    corrupt(shard_path(four_shards, 0))
+    with pytest.raises(ValueError, match=r"shard-00000-\w{16}.safetensors fails its checksum"):
+        store.batch([1])
+
+
+def test_a_shard_rewritten_with_the_same_bytes_after_eviction_is_verified_again_and_read(four_shards, monkeypatch):
+    store = KVStore(four_shards, cache_bytes=max(shard_bytes(four_shards)))
+    first = store.batch([0])
+    store.batch([2])  # shard 0 evicted
+    path = shard_path(four_shards, 0)
+    data = path.read_bytes()
+    path.unlink()
+    path.write_bytes(data)  # another file, the same bytes
+    hashed = count_calls(monkeypatch, "_sha256")
+    assert torch.equal(store.batch([0])["kv"][1][1], first["kv"][1][1])
+    assert hashed == Counter([path.name])
+
+
+@pytest.mark.parametrize("cache_bytes", [0, -1, 1.5, True, "1000"])
+def test_a_cache_bound_that_is_not_a_positive_int_is_refused(four_shards, cache_bytes):
+    with pytest.raises(ValueError, match="cache_bytes .* must be a positive int or None"):
+        KVStore(four_shards, cache_bytes=cache_bytes)
+
+
+def test_a_cache_bound_smaller_than_the_largest_shard_is_refused_naming_it(four_shards):
+    largest = max(shard_bytes(four_shards))
+    with pytest.raises(
+        ValueError,
+        match=rf"cache_bytes={largest - 1} cannot hold the store's largest shard, shard-\d{{5}}-\w{{16}}.safetensors "
+        rf"of {largest} bytes; give at least that, or write the store with a smaller shard_size",
+    ):
+        KVStore(four_shards, cache_bytes=largest - 1)

@@ -127,6 +127,7 @@ def stage(tmp_path_factory):
         "groups": {"G0": {"teachers": []}, "R": routed},
         "data_dir": str(root / "data"),
         "kv_root": str(root / "kv"),
+        "store_cache_mib": 0,
         "alignment_dir": str(root / "alignment"),
         "out_root": str(root / "students"),
         "threads": 1,

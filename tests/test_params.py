@@ -1,6 +1,7 @@
 """The params files: every section validated by the configs it feeds, and the study consistent across stages."""
 
 import ast
+import json
 
 import papermill
 import pytest
@@ -65,3 +66,16 @@ def test_the_notebooks_smoke_defaults_are_the_smoke_params_run_in_build_smoke():
                 expected = f"build/smoke/{expected}"
             if name != "plan":  # the report's wording may differ
                 assert default == expected, f"{notebook.name}: {name} = {default!r}, smoke.yaml has {expected!r}"
+
+
+ROOT = project_root()
+SMOKE_BUILD = "`.venv/bin/python -m kvlib.runner pipeline --params params/smoke.yaml --workdir build/smoke`"
+
+
+@pytest.mark.parametrize("notebook", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.name)
+def test_a_notebook_that_reads_the_smoke_run_says_in_its_first_cell_how_to_build_it(notebook):
+    nb = json.loads(notebook.read_text())
+    first = "".join(nb["cells"][0]["source"])
+    reads_smoke = notebook.stem not in ("01_data", "09_benchmarks")  # these two run on their defaults alone
+    assert (SMOKE_BUILD in first) == reads_smoke
+    assert SMOKE_BUILD.strip("`") in (ROOT / "README.md").read_text()

@@ -72,6 +72,14 @@ GROUPS = {
 }
 
 
+def test_student_stage_bounds_each_stores_cache_as_asked(run, tmp_path):
+    kv_root = tmp_path / "kv"
+    kv_root.mkdir()
+    (kv_root / "A").symlink_to(run[0] / "kv")
+    with pytest.raises(ValueError, match=r"cache_bytes=1 cannot hold the store.s largest shard"):
+        train_student(STUDENT, GROUPS["span"], 1, run[0] / "data", tmp_path / "s", kv_root, store_cache_bytes=1)
+
+
 @pytest.mark.parametrize("group", GROUPS)
 def test_student_stage_trains_and_evaluates(run, tmp_path, group):
     root = run[0]
