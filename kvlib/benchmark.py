@@ -12,7 +12,18 @@
 5. ``store_bytes``: bytes per teacher token of each teacher's store in fp16, and with a compression budget, vs the
    same cache dense in fp32;
 6. ``peak_memory``: peak memory of a KV-distillation step (store, online) vs a CE-only step, above what the
-   models and optimizer state already hold.
+   models and optimizer state already hold;
+7. ``growth``: how the part of 3. grows with the sequence: ``Distiller.kv_terms`` forward and backward on synthetic
+   KV of the models' real shapes (``growth_layers`` layers, batch 1, ``growth_lengths`` student tokens, 5 teacher
+   tokens per 4 student ones), its time and peak memory, for the sparse aligner (``TeacherAligner``, time taps)
+   and for ``DenseAligner``, the dense reference (``time_alignment``'s (Ts, Tt) matrix and one einsum), which
+   is skipped above ``growth_dense_max`` tokens (its memory grows as Ts Tt); the growth exponent of each is the
+   least-squares slope of log(seconds) on log(T) (target for the sparse path: at most 1.1, linear);
+8. ``kv_store_vs_ce_full_depth`` (with ``full_depth``): ratio 1 again with the student at its checkpoint's full
+   depth (the teachers' stores as measured), on batches of ``full_depth_batch_size`` examples;
+9. ``store_read``: MB/s of KV that ``KVStore.batch`` delivers (float32, padded, as the step gets it) reading all
+   of a store in batches, opened afresh (verifying and loading every shard) and from its cache, vs MB/s of reading
+   the shard files' raw bytes in the same run (all from the page cache: the stores were just written).
 
 Which models: ``models: real_shapes`` builds the published configs of real checkpoints
 (``kvlib.models.REAL_SHAPES``), each with its own BPE tokenizer trained on the generated problems, so time
@@ -35,13 +46,17 @@ median over rounds of the ratio within a round, so that a slow moment of a share
 sides alike. On a GPU each timed region ends with a synchronize, the student trains under bf16
 autocast (as ``accelerate`` mixed precision does) and the teachers run in bf16.
 Peak memory on a GPU is torch's peak allocated bytes; on a CPU the peak resident set (Linux ``VmHWM``,
-reset through ``/proc/self/clear_refs``) above the resident set before the step, measured after all
-timings with glibc's mmap threshold pinned at 64 KiB so that freed tensors go back to the system.
+reset through ``/proc/self/clear_refs``) above the resident set before the step, measured after the
+step timings with glibc's mmap threshold pinned at 64 KiB so that freed tensors go back to the system, and
+before the growth and full-depth runs (which then run pinned), whose freed heap later steps would reuse unseen. The
+growth benchmark measures that way too, with its inputs (teacher and student KV) already held: its peak is what
+the alignment, fusion and loss allocate forward and backward.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import gc
 import platform
@@ -51,6 +66,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from accelerate.utils import send_to_device
@@ -58,18 +74,21 @@ from transformers import AutoConfig
 
 from kvlib.batches import collate_fn
 from kvlib.config import ModelConfig, check_choice, check_positive, from_dict
-from kvlib.data import TASKS, generate
+from kvlib.data import SEGMENTS, TASKS, generate
 from kvlib.distill import Distiller, KVConfig, TeacherAligner
 from kvlib.fusion import make_fusion
-from kvlib.hf import decoder_config, extract_kv_and_attention, forward_with_kv, kv_spec
+from kvlib.hf import KVSpec, decoder_config, extract_kv_and_attention, forward_with_kv, kv_spec
+from kvlib.kvstore import KVStore
 from kvlib.layers import layer_map
 from kvlib.models import REAL_SHAPES, _check_causal_lm_config, build_model, check_vocabulary, real_config
 from kvlib.progress import progress
+from kvlib.resample import time_alignment
 from kvlib.rope import rope_family, unrotate_keys
 from kvlib.teacher_kv import extract_store, kava_select, online_batch
 from kvlib.text import encode_batch, load_tokenizer, train_tokenizer
 
 TARGETS = {"kv_store_vs_ce": ("<=", 1.15), "alignment_share": ("<=", 0.10), "selection_speedup": (">=", 50.0)}
+TARGETS |= {"kv_store_vs_ce_full_depth": ("<=", 1.10), "growth_exponent_sparse": ("<=", 1.1)}
 MODELS = ("real_shapes", "study")
 WEIGHTS = (
     "random, of each model's exact shape (of a checkpoint only config.json and the tokenizer are read): "
@@ -96,6 +115,12 @@ class BenchConfig:
     select_traces: int = 4  # reasoning traces the selection is timed on (generated problems joined, then cut) ...
     select_tokens: int = 512  # ... to this many tokens
     select_window: int = 32  # the observation window: the last tokens, whose attention decides importance
+    growth_lengths: list = field(default_factory=lambda: [256, 1024, 4096, 16384])  # student tokens, increasing
+    growth_dense_max: int = 4096  # the dense reference only up to this many tokens (its memory grows as Ts Tt)
+    growth_layers: int = 2  # teacher and student layers of the growth benchmark
+    full_depth: bool = False  # also ratio 1 with the student at its checkpoint's full depth ...
+    full_depth_batch_size: int = 1  # ... on batches of this many examples ...
+    full_depth_repeats: int = 3  # ... over this many timed rounds
     device: str = "auto"  # "auto" = cuda when available, else cpu
     seed: int = 0
 
@@ -136,7 +161,25 @@ class BenchConfig:
             "select_traces",
             "select_tokens",
             "select_window",
+            "growth_dense_max",
+            "growth_layers",
+            "full_depth_batch_size",
+            "full_depth_repeats",
         )
+        lengths = self.growth_lengths
+        if (
+            len(lengths) < 2
+            or any(isinstance(n, bool) or not isinstance(n, int) or n < 2 * len(SEGMENTS) for n in lengths)
+            or sorted(set(lengths)) != list(lengths)
+        ):
+            raise ValueError(
+                f"growth_lengths must be at least two increasing integers >= {2 * len(SEGMENTS)} (student tokens; "
+                f"two points make a slope), got {lengths}"
+            )
+        if self.full_depth_batch_size > self.examples:
+            raise ValueError(
+                f"full_depth_batch_size ({self.full_depth_batch_size}) must be at most examples ({self.examples})"
+            )
         if self.select_window >= self.select_tokens:
             raise ValueError(
                 f"select_window ({self.select_window}) must be shorter than select_tokens ({self.select_tokens})"
@@ -311,9 +354,6 @@ class _Bench:
         gpu = self.device.type == "cuda"
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if gpu else contextlib.nullcontext()
         self.kv_cfg = from_dict(KVConfig, cfg.kv)
-        config, self.tok_s, entry = student
-        self.student = _build(config, self.tok_s, cfg.seed, entry).to(self.device)
-        spec_s = kv_spec(self.student.config)
         self.names, self.teachers, self.stores, self.compressed = [], [], [], []
         pre_rope = self.kv_cfg.pre_rope
         for i, (name, config, tok, entry) in enumerate(progress(teachers, desc="benchmark teachers and stores")):
@@ -335,6 +375,13 @@ class _Bench:
                     progress=False,
                 )
             )
+        self.set_student(student)
+
+    def set_student(self, student: tuple) -> None:
+        """Build the student ``(config, tokenizer, entry)``, its aligners to the stores, fusion and optimizer."""
+        config, self.tok_s, entry = student
+        self.student = _build(config, self.tok_s, self.cfg.seed, entry).to(self.device)
+        spec_s = kv_spec(self.student.config)
         aligners = [
             TeacherAligner(
                 store.spec,
@@ -348,7 +395,7 @@ class _Bench:
         fusion = None
         if len(aligners) > 1:
             hidden = decoder_config(self.student.config).hidden_size
-            fusion = make_fusion(cfg.fusion, len(aligners), spec_s.num_layers, hidden, len(TASKS))
+            fusion = make_fusion(self.cfg.fusion, len(aligners), spec_s.num_layers, hidden, len(TASKS))
         self.kv_model = Distiller(self.student, aligners, self.kv_cfg, fusion).to(self.device)
         self.ce_model = Distiller(self.student)
         self.optimizer = torch.optim.AdamW(self.kv_model.parameters(), lr=1e-5)  # CE steps leave aligners unused
@@ -401,14 +448,18 @@ class _Bench:
         return run
 
 
-def _step_times(bench: _Bench) -> dict:
-    """Seconds per variant in each of ``repeats`` interleaved rounds (after one warm-up round), their medians,
-    student tokens per second, and the paired ratios: per round, then the median over rounds."""
+STEPS = ("ce", "kv_store", "kv_online", "alignment")
+
+
+def _step_times(bench: _Bench, names: tuple = STEPS) -> dict:
+    """Seconds per variant of ``names`` in each of ``repeats`` interleaved rounds (after one warm-up round), their
+    medians, student tokens per second, and the paired ratios: per round, then the median over rounds."""
     times: dict[str, list[float]] = {}
     tokens = []
     for round_ in progress(range(bench.cfg.repeats + 1), desc="benchmark rounds (1 warm-up)"):
         indices = bench.batch(round_)
-        runs = list((bench.variants(indices) | {"alignment": bench.alignment(indices)}).items())
+        runs = bench.variants(indices) | ({"alignment": bench.alignment(indices)} if "alignment" in names else {})
+        runs = [(name, runs[name]) for name in names]
         for name, run in runs[round_ % len(runs) :] + runs[: round_ % len(runs)]:  # each round starts elsewhere
             seconds = _timed(run, bench.device)
             if round_:
@@ -416,11 +467,15 @@ def _step_times(bench: _Bench) -> dict:
         if round_:
             tokens.append(int(bench.collate_ce(indices)["attention_mask"].sum()))
     out = {name: {"median": statistics.median(t), "all": [round(x, 5) for x in t]} for name, t in times.items()}
-    for name in ("ce", "kv_store", "kv_online"):
+    for name in {"ce", "kv_store", "kv_online"} & set(names):
         out[name]["tokens_per_second"] = statistics.median(n / t for n, t in zip(tokens, times[name]))
     pairs = {"kv_store_vs_ce": ("kv_store", "ce"), "online_vs_store": ("kv_online", "kv_store")}
     pairs["alignment_share"] = ("alignment", "kv_store")
-    out["paired"] = {name: [a / b for a, b in zip(times[num], times[den])] for name, (num, den) in pairs.items()}
+    out["paired"] = {
+        name: [a / b for a, b in zip(times[num], times[den])]
+        for name, (num, den) in pairs.items()
+        if {num, den} <= set(names)
+    }
     return out
 
 
@@ -495,13 +550,18 @@ def peak_bytes(fn, device: torch.device) -> int:
     return (_status_kib("VmHWM") - base) * 1024
 
 
-def _peak_memory(bench: _Bench) -> dict:
-    if bench.device.type == "cpu":
+def _pin_allocator(device: torch.device) -> str | None:
+    """Pin glibc's mmap and trim thresholds for the CPU probe (after the step timings); why not, where it cannot."""
+    if device.type == "cpu":
         if not Path("/proc/self/clear_refs").exists():
-            return {"skipped": "peak resident memory needs Linux /proc/self/clear_refs"}
+            return "peak resident memory needs Linux /proc/self/clear_refs"
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: tensors above 64 KiB are mapped and unmapped
         libc.mallopt(-1, 64 * 1024)  # M_TRIM_THRESHOLD: give freed heap back
+    return None
+
+
+def _peak_memory(bench: _Bench) -> dict:
     out = {}
     for name, run in progress(bench.variants(bench.batch(0)).items(), desc="benchmark peak memory"):
         run()  # a first call after the allocator change
@@ -513,6 +573,196 @@ def _peak_memory(bench: _Bench) -> dict:
     return out
 
 
+def _full_depth(bench: _Bench, student: tuple) -> dict:
+    """Ratio 1 (KV step from the stores / CE step) with ``student`` at its full depth, on the same stores."""
+    cfg = bench.cfg
+    full = copy.copy(bench)
+    full.cfg = from_dict(
+        BenchConfig, asdict(cfg) | {"batch_size": cfg.full_depth_batch_size, "repeats": cfg.full_depth_repeats}
+    )
+    full.set_student(student)
+    out = _step_times(full, ("ce", "kv_store"))
+    out["student_layers"] = student[2]["num_hidden_layers"]
+    out["batch_size"] = cfg.full_depth_batch_size
+    return out
+
+
+def _store_read(bench: _Bench) -> dict:
+    """Per teacher store: MB/s of float32 KV that ``KVStore.batch`` delivers reading all examples in batches of
+    ``batch_size``, opened afresh (verify and load every shard) and again from its cache, vs MB/s of the shard
+    files' raw bytes (``Path.read_bytes``); each the median of ``repeats`` passes, all from the page cache."""
+    cfg, out = bench.cfg, {}
+    chunks = [
+        list(range(i, min(i + cfg.batch_size, len(bench.examples))))
+        for i in range(0, len(bench.examples), cfg.batch_size)
+    ]
+    for name, store in zip(bench.names, bench.stores):
+        files = sorted(store.directory.glob("shard-*.safetensors"))
+        file_bytes = sum(f.stat().st_size for f in files)
+        cpu = torch.device("cpu")
+        raw = [_timed(lambda files=files: [f.read_bytes() for f in files], cpu) for _ in range(cfg.repeats)]
+        delivered = sum(x.numel() * x.element_size() for i in chunks for pair in store.batch(i)["kv"] for x in pair)
+        passes = {"fresh": [], "cached": []}
+        for _ in range(cfg.repeats):
+            fresh = KVStore(store.directory)
+            for kind in passes:
+                passes[kind].append(_timed(lambda s=fresh: [s.batch(i) for i in chunks], torch.device("cpu")))
+        out[name] = {
+            "file_bytes": file_bytes,
+            "delivered_bytes": delivered,
+            "raw_file_mb_per_s": file_bytes / 1e6 / statistics.median(raw),
+            "store_fresh_mb_per_s": delivered / 1e6 / statistics.median(passes["fresh"]),
+            "store_cached_mb_per_s": delivered / 1e6 / statistics.median(passes["cached"]),
+        }
+    return out
+
+
+class DenseAligner(TeacherAligner):
+    """``TeacherAligner`` as it was before time taps, the dense reference of the growth benchmark: the (B, Ts, Tt)
+    ``time_alignment`` matrix, renormalised over each head's kept slots, and one einsum (memory ~ Ts Tt)."""
+
+    def forward(self, teacher: dict, student: dict) -> tuple[list, list, torch.Tensor]:
+        kv_t, keep = teacher["kv"], teacher["mask"]
+        A = time_alignment(
+            self.time_align,
+            teacher["attention_mask"].bool(),
+            student["attention_mask"].bool(),
+            teacher["offsets"],
+            student["offsets"],
+            teacher["segment_bounds"],
+            student["segment_bounds"],
+        )  # (B, Ts, Tt)
+        A = A[:, None] * keep.float()[:, :, None, :]  # (B, Ht, Ts, Tt)
+        mass = A.sum(-1)  # (B, Ht, Ts)
+        A = A / mass.clamp(min=1e-12)[..., None]
+        keys = torch.stack([k for k, _ in kv_t]).float()  # (Lt, B, Ht, Tt, Dt)
+        values = torch.stack([v for _, v in kv_t]).float()
+        keys = torch.einsum("sl,lbhtd,bhxt->sbhxd", self.layer_weights, keys, A)  # (Ls, B, Ht, Ts, Dt)
+        values = torch.einsum("sl,lbhtd,bhxt->sbhxd", self.layer_weights, values, A)
+        targets = [proj(k, v) for proj, k, v in zip(self.projectors, keys, values)]  # Ls x (B, Hs, Ts, Ds)
+        covered = student["attention_mask"].bool() & (mass > 0).all(1)  # (B, Ts)
+        return targets, list(zip(keys, values)), covered
+
+
+def growth_exponent(lengths: list[int], values: list[float]) -> float:
+    """The least-squares slope of log(values) on log(lengths): ``p`` where values ~ c T^p."""
+    x, y = torch.tensor(lengths, dtype=torch.float64).log(), torch.tensor(values, dtype=torch.float64).log()
+    x = x - x.mean()
+    return float((x * (y - y.mean())).sum() / (x * x).sum())
+
+
+def _synthetic_batch(T: int, specs_t: list[KVSpec], spec_s: KVSpec, hidden: int, gen: torch.Generator):
+    """One example (batch 1) of ``T`` student tokens of 5 characters and ``5 T / 4`` teacher tokens of 4 for each
+    teacher, three equal segments: the student batch (with the teachers' store-like batches), the student's KV,
+    hidden states and queries of the benchmark's real shapes, random."""
+    C, Tt = 5 * T, (5 * T + 3) // 4  # characters, teacher tokens
+    S = len(SEGMENTS)
+
+    def side(n, width):  # (1, n) mask, (1, n, 2) offsets tiling [0, C), (1, S + 1) segment bounds
+        start = torch.arange(n) * width
+        offsets = torch.stack([start, (start + width).clamp(max=C)], -1)[None]  # (1, n, 2)
+        return torch.ones(1, n, dtype=torch.long), offsets, (torch.arange(S + 1) * n // S)[None]
+
+    mask_s, offsets_s, bounds_s = side(T, 5)
+    mask_t, offsets_t, bounds_t = side(Tt, 4)
+    teachers = [
+        {
+            "kv": [
+                tuple(torch.randn(1, s.num_kv_heads, Tt, s.head_dim, generator=gen) for _ in "kv")
+                for _ in range(s.num_layers)
+            ],
+            "mask": torch.ones(1, s.num_kv_heads, Tt, dtype=torch.bool),
+            "attention_mask": mask_t,
+            "offsets": offsets_t,
+            "segment_bounds": bounds_t,
+        }
+        for s in specs_t
+    ]
+    batch = {"attention_mask": mask_s, "offsets": offsets_s, "segment_bounds": bounds_s}
+    batch |= {"task_ids": torch.zeros(1, dtype=torch.long), "teachers": teachers}
+    H, D, L = spec_s.num_kv_heads, spec_s.head_dim, spec_s.num_layers
+    kv_s = [tuple(torch.randn(1, H, T, D, generator=gen) for _ in "kv") for _ in range(L)]
+    hidden_s = [torch.randn(1, T, hidden, generator=gen) for _ in range(L)]
+    queries = [torch.randn(1, H, T, D, generator=gen) for _ in range(L)]
+    return batch, kv_s, hidden_s, queries
+
+
+class _Growth:
+    """The growth benchmark's two models (sparse and dense aligners, fusion and loss as configured) on the given
+    configs at ``growth_layers`` layers; ``run(path, T)`` builds the inputs, returns the forward and backward call."""
+
+    def __init__(self, cfg: BenchConfig, student_config, teacher_configs: dict, device: torch.device):
+        self.cfg, self.device = cfg, device
+        kv, L = from_dict(KVConfig, cfg.kv), cfg.growth_layers
+        self.specs_t = {n: KVSpec(L, kv_spec(c).num_kv_heads, kv_spec(c).head_dim) for n, c in teacher_configs.items()}
+        config = copy.deepcopy(student_config)
+        decoder_config(config).num_hidden_layers = L
+        self.spec_s = KVSpec(L, kv_spec(config).num_kv_heads, kv_spec(config).head_dim)
+        self.hidden = decoder_config(config).hidden_size
+        student = SimpleNamespace(config=config)  # kv_terms reads only the student's config (to un-rotate keys)
+        self.models = {}
+        for path, kind in (("sparse", TeacherAligner), ("dense", DenseAligner)):
+            torch.manual_seed(cfg.seed)
+            aligners = [
+                kind(s, self.spec_s, layer_map(L, L, "uniform"), kv.projector, kv.time_align)
+                for s in self.specs_t.values()
+            ]
+            fusion = None
+            if len(aligners) > 1:
+                fusion = make_fusion(cfg.fusion, len(aligners), L, self.hidden, len(TASKS))
+            self.models[path] = Distiller(student, aligners, kv, fusion).to(device)
+
+    def run(self, path: str, T: int):
+        model = self.models[path]
+        gen = torch.Generator().manual_seed(self.cfg.seed + T)
+        batch, kv_s, hidden, queries = send_to_device(
+            _synthetic_batch(T, list(self.specs_t.values()), self.spec_s, self.hidden, gen), self.device
+        )
+        weights = model.term_weights()
+
+        def run():
+            kv = [(k.detach().requires_grad_(), v.detach().requires_grad_()) for k, v in kv_s]
+            terms = model.kv_terms(kv, batch, hidden, queries)
+            sum(weights[n] * terms[n] for n in ("kv", "relation", "entropy") if n in terms).backward()
+            model.zero_grad(set_to_none=True)
+
+        return run
+
+
+def _growth_times(growth: _Growth) -> dict:
+    """Per path: the lengths measured, median seconds over ``repeats`` (after a warm-up call) and the exponent."""
+    cfg, out = growth.cfg, {}
+    for path in ("sparse", "dense"):
+        lengths = [T for T in cfg.growth_lengths if path == "sparse" or T <= cfg.growth_dense_max]
+        seconds = []
+        for T in progress(lengths, desc=f"benchmark growth, {path}"):
+            run = growth.run(path, T)
+            seconds.append(statistics.median([_timed(run, growth.device) for _ in range(cfg.repeats + 1)][1:]))
+        out[path] = {"lengths": lengths, "seconds": seconds}
+        out[path]["exponent"] = growth_exponent(lengths, seconds) if len(lengths) > 1 else None
+        skipped = [T for T in cfg.growth_lengths if T not in lengths]
+        if skipped:
+            out[path]["skipped"] = {
+                "lengths": skipped,
+                "reason": f"above growth_dense_max ({cfg.growth_dense_max}): the dense (Ts, Tt) alignment's memory "
+                "grows as the product of the lengths",
+            }
+    return out
+
+
+def _growth_memory(growth: _Growth, times: dict) -> None:
+    """Add each measured length's peak bytes (see ``peak_bytes``) and their exponent over positive peaks."""
+    for path, series in times.items():
+        peaks = []
+        for T in progress(series["lengths"], desc=f"benchmark growth memory, {path}"):
+            run = growth.run(path, T)
+            run()  # a first call after the allocator change
+            peaks.append(peak_bytes(run, growth.device))
+        series["peak_bytes"] = peaks
+        positive = [(T, p) for T, p in zip(series["lengths"], peaks) if p > 0]
+        series["memory_exponent"] = growth_exponent(*zip(*positive)) if len(positive) > 1 else None
+
+
 def _verdict(name: str, value: float) -> dict:
     if name not in TARGETS:
         return {"value": value}
@@ -522,7 +772,7 @@ def _verdict(name: str, value: float) -> dict:
 
 
 def run_benchmarks(params: dict, workdir: str | Path | None = None) -> dict:
-    """Run all six benchmarks with ``BenchConfig`` ``params``; returns the results (JSON-ready), whose ``models``
+    """Run all the benchmarks with ``BenchConfig`` ``params``; returns the results (JSON-ready), whose ``models``
     name what was measured (source and shape of each model) or why a model was not (``reason``); without a
     measurable student or teacher the results hold ``skipped`` instead of measurements.
 
@@ -546,7 +796,19 @@ def run_benchmarks(params: dict, workdir: str | Path | None = None) -> dict:
         steps = _step_times(bench)
         selection = _selection(bench)
         stores = _store_bytes(bench)
-        memory = _peak_memory(bench)
+        # Peak memory first, before larger runs leave freed but resident heap that later steps would reuse
+        # unseen (the full-depth student's); the growth and full-depth timings run with the allocator pinned.
+        unpinned = _pin_allocator(bench.device)
+        memory = {"skipped": unpinned} if unpinned else _peak_memory(bench)
+        growth = _Growth(cfg, student[0], {n: c for n, c, _, _ in measured}, bench.device)
+        growth_series = _growth_times(growth)
+        if not unpinned:
+            _growth_memory(growth, growth_series)
+        store_read = _store_read(bench)
+        full = None
+        if cfg.full_depth:
+            depth = student[2]["checkpoint_layers"]
+            full = _full_depth(bench, _resolve(cfg, cfg.student, depth, kv, texts, 384))
     paired = steps.pop("paired")
     ratios = {name: _verdict(name, statistics.median(per_round)) for name, per_round in paired.items()}
     ratios |= {
@@ -557,6 +819,15 @@ def run_benchmarks(params: dict, workdir: str | Path | None = None) -> dict:
     }
     if "kv_store_vs_ce" in memory:
         ratios["peak_memory_kv_store_vs_ce"] = {"value": memory["kv_store_vs_ce"]}
+    ratios["growth_exponent_sparse"] = _verdict("growth_exponent_sparse", growth_series["sparse"]["exponent"])
+    if growth_series["dense"]["exponent"] is not None:
+        ratios["growth_exponent_dense"] = {"value": growth_series["dense"]["exponent"]}
+    if full is not None:
+        per_round = full.pop("paired")["kv_store_vs_ce"]
+        ratios["kv_store_vs_ce_full_depth"] = _verdict("kv_store_vs_ce_full_depth", statistics.median(per_round))
+        full["paired_kv_store_vs_ce"] = per_round
+    growth_shapes = {"student": vars(growth.spec_s), "teachers": {n: vars(s) for n, s in growth.specs_t.items()}}
+    growth_shapes |= {"batch": 1, "teacher_tokens_per_student_token": 1.25, "time_align": kv.time_align}
     return head | {
         "setup_seconds": round(setup_seconds, 1),
         "ratios": ratios,
@@ -565,4 +836,7 @@ def run_benchmarks(params: dict, workdir: str | Path | None = None) -> dict:
         "selection": selection,
         "store_bytes": stores,
         "peak_memory": memory,
+        "growth": {"shapes": growth_shapes, "fusion": cfg.fusion if len(measured) > 1 else None} | growth_series,
+        "full_depth": full if full is not None else {"skipped": "full_depth is off"},
+        "store_read": store_read,
     }

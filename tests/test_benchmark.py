@@ -10,14 +10,14 @@ from tiny import tiny
 from transformers import BertConfig, GPTJConfig
 
 from kvlib import project_root
-from kvlib.benchmark import BenchConfig, kava_select_loop, peak_bytes, run_benchmarks
+from kvlib.benchmark import BenchConfig, growth_exponent, kava_select_loop, peak_bytes, run_benchmarks
 from kvlib.config import from_dict, load_params
 from kvlib.data import generate
 from kvlib.teacher_kv import kava_select, run_teacher, segment_masks
 from kvlib.text import save_tokenizer, train_tokenizer
 
 FAST = {"examples": 6, "batch_size": 2, "repeats": 1, "budget": 4, "select_traces": 2, "select_tokens": 48}
-FAST |= {"select_window": 8, "device": "cpu"}
+FAST |= {"select_window": 8, "device": "cpu", "growth_lengths": [12, 24, 48], "growth_dense_max": 24}
 SHAPE_BUILT = {  # a study model built from a shape, as params/smoke.yaml's teacher A
     "shape": {"family": "qwen2", "num_layers": 3, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16, "hidden_size": 64},
     "tokenizer": {"kind": "bpe", "vocab_size": 300},
@@ -74,6 +74,12 @@ def test_the_cpu_memory_probe_sees_a_temporary_tensor():
         ({"device": "tpu"}, "device must be"),
         ({"kv": {"wieght": 0.1}}, "wieght"),
         ({"repeats": 0}, "repeats must be > 0"),
+        ({"growth_lengths": [256]}, r"at least two increasing integers >= 6 .* got \[256\]"),
+        ({"growth_lengths": [512, 256]}, "at least two increasing integers"),
+        ({"growth_lengths": [4, 256]}, "at least two increasing integers"),
+        ({"growth_dense_max": 0}, "growth_dense_max must be > 0"),
+        ({"growth_layers": 0}, "growth_layers must be > 0"),
+        ({"full_depth_batch_size": 80}, r"full_depth_batch_size \(80\) must be at most examples \(64\)"),
         ({"models": "mine"}, r"models must be one of \('real_shapes', 'study'\)"),
         ({"teachers": {"qwen2.5-1.5b": 0}}, r"layers measured \(an integer >= 1\); got \{'qwen2.5-1.5b': 0\}"),
         ({"study_models": {"A": {"path": "/m"}}}, "study_models are measured only with models: study"),
@@ -173,3 +179,60 @@ def test_every_params_file_benchmarks_its_own_checkpoints(path):
     assert config.models == "study" and config.student == "student"
     assert list(config.teachers) == params["study"]["teachers"]
     assert {n: m.get("path") for n, m in config.study_models.items()} == {n: m.get("path") for n, m in study.items()}
+
+
+def test_the_growth_exponent_recovers_a_known_slope():
+    lengths = [256, 1024, 4096, 16384]
+    assert growth_exponent(lengths, [3e-4 * T**1.0 for T in lengths]) == pytest.approx(1.0, abs=1e-9)
+    assert growth_exponent(lengths, [2e-9 * T**2.0 for T in lengths]) == pytest.approx(2.0, abs=1e-9)
+    noisy = [0.01 * T**1.5 * (1.02 if i % 2 else 0.98) for i, T in enumerate(lengths)]
+    assert growth_exponent(lengths, noisy) == pytest.approx(1.5, abs=0.02)
+
+
+def test_results_hold_growth_series_full_depth_and_store_reads(tmp_path):
+    teacher = checkpoint(tmp_path / "qwen2", "qwen2", num_layers=3, vocab=300)
+    student = checkpoint(tmp_path / "llama", "llama-gqa", num_layers=2, vocab=280)
+    study_models = {"A": {"path": teacher}, "student": {"path": student}}
+    params = {"models": "study", "teachers": {"A": 2}, "student": "student", "student_layers": 1, "full_depth": True}
+    results = run_benchmarks(params | {"study_models": study_models} | FAST, tmp_path / "work")
+    growth = results["growth"]
+    assert growth["shapes"]["teachers"]["A"] == {"num_layers": 2, "num_kv_heads": 2, "head_dim": 8}
+    assert growth["sparse"]["lengths"] == [12, 24, 48] and growth["dense"]["lengths"] == [12, 24]
+    assert growth["dense"]["skipped"]["lengths"] == [48]
+    assert "above growth_dense_max (24)" in growth["dense"]["skipped"]["reason"]
+    assert "skipped" not in growth["sparse"]
+    for path in ("sparse", "dense"):
+        series = growth[path]
+        assert len(series["seconds"]) == len(series["peak_bytes"]) == len(series["lengths"])
+        assert all(t > 0 for t in series["seconds"]) and all(p >= 0 for p in series["peak_bytes"])
+        assert series["exponent"] == pytest.approx(growth_exponent(series["lengths"], series["seconds"]))
+    verdict = results["ratios"]["growth_exponent_sparse"]
+    assert verdict["target"] == "<= 1.1" and verdict["met"] == (verdict["value"] <= 1.1)
+    assert results["ratios"]["growth_exponent_dense"]["value"] == growth["dense"]["exponent"]
+    full = results["full_depth"]
+    assert (full["student_layers"], full["batch_size"]) == (2, 1)  # the checkpoint's 2 layers, not the 1 measured
+    assert set(full) >= {"ce", "kv_store"} and "kv_online" not in full
+    assert results["ratios"]["kv_store_vs_ce_full_depth"]["target"] == "<= 1.1"
+    read = results["store_read"]["A"]
+    assert read["file_bytes"] > 0 and read["delivered_bytes"] > 0
+    assert all(read[k] > 0 for k in ("raw_file_mb_per_s", "store_fresh_mb_per_s", "store_cached_mb_per_s"))
+
+
+def test_the_dense_reference_aligner_matches_the_sparse_one():
+    from kvlib.benchmark import DenseAligner, _synthetic_batch
+    from kvlib.distill import TeacherAligner
+    from kvlib.hf import KVSpec
+    from kvlib.layers import layer_map
+
+    spec_t, spec_s = KVSpec(3, 2, 8), KVSpec(2, 2, 4)
+    batch, *_ = _synthetic_batch(40, [spec_t], spec_s, 16, torch.Generator().manual_seed(0))
+    for kind in ("global", "segment", "span"):
+        torch.manual_seed(0)
+        sparse = TeacherAligner(spec_t, spec_s, layer_map(3, 2, "uniform"), "linear", kind)
+        dense = DenseAligner(spec_t, spec_s, layer_map(3, 2, "uniform"), "linear", kind)
+        dense.load_state_dict(sparse.state_dict())
+        (t1, _, c1), (t2, _, c2) = sparse(batch["teachers"][0], batch), dense(batch["teachers"][0], batch)
+        assert torch.equal(c1, c2)
+        for (k1, v1), (k2, v2) in zip(t1, t2):
+            torch.testing.assert_close(k1, k2, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(v1, v2, atol=1e-5, rtol=1e-5)

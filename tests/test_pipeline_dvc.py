@@ -1,29 +1,21 @@
-"""The whole DVC pipeline on the smoke params, in build/smoke (a git-ignored working copy).
+"""The whole DVC pipeline on the smoke params, in build/smoke (a git-ignored working copy; the ``smoke``
+fixture of conftest.py runs it once per session).
 
 The notebooks' smoke defaults read and write the same folder, so nbval (which runs after tests/)
 executes every notebook against this run's outputs.
 """
 
 import json
-import shutil
 import subprocess
 import sys
 
 import pytest
 
 from kvlib import project_root
-from kvlib.config import load_params
 from kvlib.runner import run_pipeline
 
 ROOT = project_root()
 WORKDIR = ROOT / "build" / "smoke"
-
-
-@pytest.fixture(scope="module")
-def smoke():
-    shutil.rmtree(WORKDIR, ignore_errors=True)
-    run_pipeline(ROOT / "params" / "smoke.yaml", WORKDIR)
-    return load_params(ROOT / "params" / "smoke.yaml")
 
 
 def test_every_stage_ran_and_left_its_executed_notebook(smoke):
