@@ -195,6 +195,9 @@ class ModelShape:
         return build_model(model_config(vocab_size=vocab_size, max_positions=max_positions, **shape), seed)
 
 
+CLIPS = ("joint", "separate")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The optimisation: AdamW with linear warm-up and cosine decay, for a fixed number of optimizer steps."""
@@ -206,6 +209,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 20
     max_grad_norm: float = 1.0
+    clip: str = "joint"  # "joint": one norm over all terms; "separate": CE and the other terms clipped apart
     seed: int = 0
     log_every: int = 10  # progress-bar and metrics-file interval (optimizer steps)
     save_every: int = 100  # checkpoint interval (optimizer steps)
@@ -221,6 +225,12 @@ class TrainConfig:
                 f"and weight_decay={self.weight_decay} must be >= 0"
             )
         check_choice("mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
+        check_choice("clip", self.clip, CLIPS)
+        if self.clip == "separate" and self.mixed_precision == "fp16":
+            raise ValueError(
+                "clip 'separate' takes the CE gradient apart from the loss scaler fp16 needs; use mixed_precision "
+                "bf16 (or no), or clip 'joint'"
+            )
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from kvlib.hf import KVSpec, forward_with_kv, kv_spec
 from kvlib.layers import KINDS as LAYER_MAPS
 from kvlib.layers import LayerMap
 from kvlib.losses import KINDS as KV_LOSSES
-from kvlib.losses import kv_loss, relation_loss
+from kvlib.losses import kv_loss, kv_scales, relation_loss
 from kvlib.objective import next_token_loss
 from kvlib.projectors import KINDS as PROJECTORS
 from kvlib.projectors import KVProjector
@@ -51,7 +51,7 @@ class KVConfig:
     loss: str = "mse"
     k_weight: float = 1.0
     v_weight: float = 1.0
-    normalize: bool = True  # divide by the target's per-layer std
+    normalize: bool = True  # standardise each side by its own per-layer mean and std (kvlib.losses.kv_distance)
     pre_rope: bool = True  # match keys before RoPE (un-rotate the student's; the store holds pre-RoPE teacher keys)
     time_align: str = "span"
     layer_map: str = "uniform"
@@ -197,6 +197,9 @@ class Distiller(nn.Module):
     Terms: ``ce``; with teachers ``kv`` (and ``relation``, and ``entropy`` for a router with an entropy
     regulariser), ``loss`` (the weighted total), and with a fusion ``fusion_weights`` (Ls, B, N), the
     teachers' weights per layer and example (detached, averaged over positions for per-position kinds).
+    ``kv_std`` (detached, logged by the training loop): per student layer the std of the student's cached
+    (post-RoPE) K and V over real tokens, (Ls, 2), and with teachers of the targets' K and V over the covered
+    positions too, (Ls, 4), so that a collapse of either side's scale shows in the metrics.
     """
 
     def __init__(self, student, aligners: list[TeacherAligner] = (), kv: KVConfig | None = None, fusion=None):
@@ -225,11 +228,13 @@ class Distiller(nn.Module):
             queries=isinstance(self.fusion, AttentionFusion),
         )
         terms = {"ce": next_token_loss(out.logits, ids, mask)}
+        scales = kv_scales(out.kv, mask.bool())  # (Ls, 2)
         if self.aligners:
             terms |= self.kv_terms(out.kv, batch, out.hidden, out.queries)
+            scales = torch.cat([scales, terms.pop("target_std")], 1)  # (Ls, 4)
         weights = self.term_weights()
         terms["loss"] = sum(weights[name] * terms[name] for name in weights if name in terms)
-        return terms
+        return terms | {"kv_std": scales}
 
     def kv_terms(self, kv_s: list, batch: dict, hidden: list | None = None, queries: list | None = None) -> dict:
         """The teacher terms for the student's cache ``kv_s`` (Ls pairs of (B, Hs, Ts, Ds), post-RoPE): ``kv``,
@@ -250,6 +255,7 @@ class Distiller(nn.Module):
         terms["kv"], _ = kv_loss(
             kv_s, targets, covered, self.kv.loss, self.kv.k_weight, self.kv.v_weight, self.kv.normalize
         )
+        terms["target_std"] = kv_scales(targets, covered)  # (Ls, 2)
         if self.kv.relation_weight > 0:
             terms["relation"] = torch.stack(
                 [

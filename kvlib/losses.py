@@ -3,9 +3,15 @@
 - ``kv_distance`` / ``kv_loss``: the KaVa loss (Kuzina et al. 2025, https://arxiv.org/abs/2510.02312)
   between student K, V and their teacher targets (already projected, time-aligned and fused to the
   student's shape): mse, l1, smooth_l1 (p = 2, 1, Huber) or cosine distance per head vector, averaged
-  over the real positions of a mask. Optional per-layer normalisation divides both sides by the
-  target's (detached) standard deviation, so layers and models of different scales weigh alike and
-  a projector cannot shrink the target to make the loss vanish. K and V both count, with weights.
+  over the real positions of a mask. Optional per-layer normalisation standardises **each side by its
+  own** mean and standard deviation over the masked entries (gradients flow through both statistics),
+  so layers and models of different scales weigh alike and the loss is invariant to the scale of either
+  side: neither the student nor a learnable projector can lower it by shrinking its K or V (dividing both
+  sides by the target's detached std, the earlier rule, let the student's K/V and the projected target
+  shrink together; runs ended with K/V 30-200x smaller than a CE-only student's). K and V both count,
+  with weights.
+- ``kv_scales``: the standard deviation of K and V per layer over the masked entries, which the training
+  loop logs for the student and the target so that a collapse of either side is visible.
 - ``relation_loss``: MiniLMv2 (Wang et al. 2021, https://arxiv.org/abs/2012.15828) self-relations.
   Heads of each side are concatenated and re-split into ``R`` relation heads, ``softmax(x x^T /
   sqrt(d))`` relation matrices are built per side, and the teacher's is matched by KL. Needs no
@@ -38,8 +44,18 @@ def _head_mask(mask: Tensor, x: Tensor) -> Tensor:
     return mask.expand(B, H, T).to(torch.float32)
 
 
+def masked_moments(x: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and standard deviation (scalars) of x (B, H, T, D) over the entries of the positions m (B, H, T) sets."""
+    n = (m.sum() * x.shape[-1]).clamp(min=1)
+    mean = (x * m[..., None]).sum() / n
+    return mean, (((x - mean) ** 2 * m[..., None]).sum() / n).clamp(min=1e-12).sqrt()
+
+
 def kv_distance(pred: Tensor, target: Tensor, mask: Tensor, kind: str = "mse", normalize: bool = False) -> Tensor:
-    """Mean distance between pred and target (B, H, T, D) over the positions where mask (B, T) or (B, H, T) is set."""
+    """Mean distance between pred and target (B, H, T, D) over the positions where mask (B, T) or (B, H, T) is set.
+
+    ``normalize``: each side standardised by its own masked mean and std first (scale-invariant on both sides).
+    """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if pred.shape != target.shape or pred.dim() != 4:
@@ -50,10 +66,8 @@ def kv_distance(pred: Tensor, target: Tensor, mask: Tensor, kind: str = "mse", n
     m = _head_mask(mask, pred)  # (B, H, T)
     pred, target = pred.float(), target.float()
     if normalize:
-        n = m.sum() * pred.shape[-1]
-        mean = (target * m[..., None]).sum() / n.clamp(min=1)
-        std = (((target - mean) ** 2 * m[..., None]).sum() / n.clamp(min=1)).sqrt().detach().clamp(min=1e-6)
-        pred, target = pred / std, target / std
+        (mean_p, std_p), (mean_t, std_t) = masked_moments(pred, m), masked_moments(target, m)
+        pred, target = (pred - mean_p) / std_p, (target - mean_t) / std_t
     if kind == "cosine":
         per = 1 - F.cosine_similarity(pred, target, dim=-1)  # (B, H, T)
     elif kind == "mse":
@@ -87,6 +101,15 @@ def kv_loss(
         ]
     )
     return per_layer.mean(), per_layer
+
+
+def kv_scales(kv: list[tuple[Tensor, Tensor]], mask: Tensor) -> Tensor:
+    """(L, 2) detached float32: per layer the std of K and of V (L pairs of (B, H, T, D)) over the masked entries."""
+    rows = []
+    for k, v in kv:
+        m = _head_mask(mask, k)
+        rows.append(torch.stack([masked_moments(x.detach().float(), m)[1] for x in (k, v)]))
+    return torch.stack(rows)
 
 
 def _relations(x: Tensor, num_relation_heads: int, key_mask: Tensor) -> Tensor:

@@ -10,12 +10,17 @@ Three tools, all vectorised (no Python loop over tokens):
 - ``segment_resample``: the same per segment (prompt / reasoning / answer), so that no segment
   leaks into another; batched with per-example segment bounds.
 - ``span_alignment``: the ``(Ts, Tt)`` row-stochastic matrix whose row ``i`` spreads student token
-  ``i`` over the teacher tokens whose character spans overlap it, in proportion to the overlap.
+  ``i`` over the teacher tokens whose character spans overlap it, in proportion to the overlap;
+  ``causal=True`` (alignment ``causal_span``) keeps only the teacher tokens that end at or before the
+  student token's end, so that no target holds text the student has not read yet (a teacher token
+  straddling the student token's end is dropped; a student token left with none reads the last teacher
+  token that ends at or before its end).
 
-``time_alignment`` builds the ``(B, Ts, Tt)`` matrix of each kind (global / segment / span) for a right-padded
-batch; ``time_taps`` gives the same rows sparsely, as per student step the k teacher steps it reads and their
-weights (k = 2 for linear resampling, the largest character overlap count of the batch for span), so that
-applying it costs O(B H Ts k D) instead of O(B H Ts Tt D); the dense form stays as its tested reference.
+``time_alignment`` builds the ``(B, Ts, Tt)`` matrix of each kind (global / segment / span / causal_span) for a
+right-padded batch; ``time_taps`` gives the same rows sparsely, as per student step the k teacher steps it
+reads and their weights (k = 2 for linear resampling, the largest character overlap count of the batch for
+the span kinds), so that applying it costs O(B H Ts k D) instead of O(B H Ts Tt D); the dense form stays as
+its tested reference.
 
 ``area_weights`` is the overlap-proportional ``(n_out, n_in)`` averaging matrix used to initialise
 head mixing (7 -> 3 heads) and to build ratio layer maps.
@@ -180,7 +185,11 @@ def _check_offsets(
 
 
 def span_alignment(
-    offsets_t: Tensor, offsets_s: Tensor, mask_t: Tensor | None = None, mask_s: Tensor | None = None
+    offsets_t: Tensor,
+    offsets_s: Tensor,
+    mask_t: Tensor | None = None,
+    mask_s: Tensor | None = None,
+    causal: bool = False,
 ) -> Tensor:
     """Row-stochastic ``(B, Ts, Tt)`` time alignment from tokenizer character offsets.
 
@@ -189,7 +198,9 @@ def span_alignment(
     by their character overlap with student token ``i``; a student token that overlaps none (a
     special or whitespace token) takes its nearest teacher token by span centre. Rows of padded
     student tokens and columns of padded teacher tokens are zero. Apply it as
-    ``einsum("bst,bhtd->bhsd", A, kv_t)``.
+    ``einsum("bst,bhtd->bhsd", A, kv_t)``. ``causal``: only teacher tokens ending at or before the student
+    token's end count, and the fallback is the last of them (by index; the first teacher token when none
+    ends that early, which a teacher ``<bos>`` at ``(0, 0)`` never leaves).
     """
     mask_t, mask_s = _check_offsets(offsets_t, offsets_s, mask_t, mask_s)
     (B, Tt, _), Ts = offsets_t.shape, offsets_s.shape[1]
@@ -198,9 +209,17 @@ def span_alignment(
     s0, s1 = offsets_s[..., 0, None].double(), offsets_s[..., 1, None].double()  # (B, Ts, 1)
     t0, t1 = offsets_t[:, None, :, 0].double(), offsets_t[:, None, :, 1].double()  # (B, 1, Tt)
     valid = mask_s[:, :, None] & mask_t[:, None, :]  # (B, Ts, Tt)
+    if causal:
+        valid = valid & (t1 <= s1)
     overlap = (torch.minimum(s1, t1) - torch.maximum(s0, t0)).clamp(min=0) * valid  # (B, Ts, Tt)
-    dist = ((s0 + s1) - (t0 + t1)).abs().masked_fill(~valid, float("inf"))  # (B, Ts, Tt)
-    nearest = torch.zeros_like(overlap).scatter_(2, dist.argmin(2, keepdim=True), 1.0) * valid
+    if causal:  # the last teacher token that ends in time (index 0 when none does)
+        index = torch.arange(Tt, device=offsets_t.device).expand_as(valid)
+        pick = torch.where(valid, index, -1).max(2, keepdim=True).values.clamp(min=0)  # (B, Ts, 1)
+        valid = mask_s[:, :, None] & mask_t[:, None, :]
+    else:
+        dist = ((s0 + s1) - (t0 + t1)).abs().masked_fill(~valid, float("inf"))  # (B, Ts, Tt)
+        pick = dist.argmin(2, keepdim=True)
+    nearest = torch.zeros_like(overlap).scatter_(2, pick, 1.0) * valid
     no_overlap = overlap.sum(2, keepdim=True) == 0  # (B, Ts, 1)
     weights = torch.where(no_overlap, nearest, overlap)
     weights = weights / weights.sum(2, keepdim=True).clamp(min=1e-12)
@@ -225,7 +244,8 @@ def area_weights(n_in: int, n_out: int) -> Tensor:
     return (overlap / overlap.sum(1, keepdim=True)).to(torch.float32)
 
 
-ALIGNMENTS = ("global", "segment", "span")
+ALIGNMENTS = ("global", "segment", "span", "causal_span")
+SPANS = ("span", "causal_span")  # the kinds that read character offsets
 
 
 def _check_alignment(kind: str, mask_t: Tensor, mask_s: Tensor, offsets_t, offsets_s, bounds_t, bounds_s) -> None:
@@ -245,8 +265,8 @@ def _check_alignment(kind: str, mask_t: Tensor, mask_s: Tensor, offsets_t, offse
             f"examples {lonely.nonzero().flatten().tolist()} have student tokens but no teacher token; encode "
             "every example for both models (each starts with <bos>)"
         )
-    if kind == "span" and (offsets_t is None or offsets_s is None):
-        raise ValueError("time alignment 'span' needs offsets_t and offsets_s")
+    if kind in SPANS and (offsets_t is None or offsets_s is None):
+        raise ValueError(f"time alignment {kind!r} needs offsets_t and offsets_s")
     if kind == "segment" and (bounds_t is None or bounds_s is None):
         raise ValueError("time alignment 'segment' needs bounds_t and bounds_s")
 
@@ -291,14 +311,15 @@ def time_alignment(
 
     ``global``: each example's real teacher tokens linearly resampled onto its real student tokens;
     ``segment``: the same per segment (bounds_t (B, S + 1), bounds_s (B, S + 1) token cut points);
-    ``span``: character-overlap alignment (offsets_t (B, Tt, 2), offsets_s (B, Ts, 2)).
+    ``span``: character-overlap alignment (offsets_t (B, Tt, 2), offsets_s (B, Ts, 2)); ``causal_span``: the
+    same over the teacher tokens that end at or before the student token's end (``span_alignment``).
     Apply it as ``einsum("bst,bhtd->bhsd", A, x_t)``; rows of student padding are zero. An example (for
     ``segment``: a segment) with student tokens but no teacher token raises (module docstring: T = 0).
     The dense reference of ``time_taps``, which gives the same rows without a (Ts, Tt) matrix.
     """
     _check_alignment(kind, mask_t, mask_s, offsets_t, offsets_s, bounds_t, bounds_s)
-    if kind == "span":
-        return span_alignment(offsets_t, offsets_s, mask_t, mask_s)
+    if kind in SPANS:
+        return span_alignment(offsets_t, offsets_s, mask_t, mask_s, causal=kind == "causal_span")
     B, Tt = mask_t.shape
     b_t, b_s = _alignment_bounds(kind, mask_t, mask_s, bounds_t, bounds_s)
     eye = torch.eye(Tt, device=mask_t.device).expand(B, Tt, Tt)  # (B, Tt, Tt): resampling it gives the weights
@@ -306,13 +327,16 @@ def time_alignment(
     return torch.nn.functional.pad(a, (0, 0, 0, mask_s.shape[1] - a.shape[1]))  # (B, Ts, Tt)
 
 
-def _span_taps(offsets_t: Tensor, offsets_s: Tensor, mask_t: Tensor, mask_s: Tensor) -> tuple[Tensor, Tensor]:
+def _span_taps(
+    offsets_t: Tensor, offsets_s: Tensor, mask_t: Tensor, mask_s: Tensor, causal: bool = False
+) -> tuple[Tensor, Tensor]:
     """``span_alignment`` as taps (B, Ts, k); teacher starts and ends must not decrease over real tokens.
 
     Then the teacher tokens overlapping student token ``[s0, s1)`` are a run: from the first one ending
-    after ``s0`` to the last one starting before ``s1`` (two binary searches). The nearest token by centre
-    (centres ``t0 + t1`` are sorted too) is one of the two around ``s0 + s1``; ties go to the lower index,
-    as ``argmin`` does in the dense form.
+    after ``s0`` to the last one starting before ``s1`` (two binary searches); ``causal`` ends the run
+    before the first one ending after ``s1`` (a third). The nearest token by centre (centres ``t0 + t1``
+    are sorted too) is one of the two around ``s0 + s1``; ties go to the lower index, as ``argmin`` does in
+    the dense form. The causal fallback, the last token ending by ``s1``, is just before that third search.
     """
     (B, Tt, _), Ts = offsets_t.shape, offsets_s.shape[1]
     t0, t1 = offsets_t[..., 0].double(), offsets_t[..., 1].double()  # (B, Tt)
@@ -326,7 +350,11 @@ def _span_taps(offsets_t: Tensor, offsets_s: Tensor, mask_t: Tensor, mask_s: Ten
     t0, t1 = t0.masked_fill(~mask_t, float("inf")), t1.masked_fill(~mask_t, float("inf"))  # padding sorts last
     s0, s1 = offsets_s[..., 0].double().contiguous(), offsets_s[..., 1].double().contiguous()  # (B, Ts)
     first = torch.searchsorted(t1, s0, right=True)  # (B, Ts): first teacher token ending after the start
-    count = (torch.searchsorted(t0, s1) - first).clamp(min=0) * mask_s  # (B, Ts): those starting before the end
+    stop = torch.searchsorted(t0, s1)  # (B, Ts): first teacher token starting at or after the end
+    if causal:
+        in_time = torch.searchsorted(t1, s1, right=True)  # (B, Ts): first teacher token ending after the end
+        stop = torch.minimum(stop, in_time)
+    count = (stop - first).clamp(min=0) * mask_s  # (B, Ts): the run's length
     k = max(int(count.max()) if count.numel() else 0, 1)
     tap = torch.arange(k, device=offsets_t.device)  # (k,)
     index = (first[..., None] + tap).clamp(max=Tt - 1)  # (B, Ts, k)
@@ -342,6 +370,8 @@ def _span_taps(offsets_t: Tensor, offsets_s: Tensor, mask_t: Tensor, mask_s: Ten
     d_right = torch.where(right < Tt, centre.gather(1, right.clamp(max=Tt - 1)) - x, float("inf"))
     left = torch.searchsorted(centre, centre.gather(1, left))  # first of the tokens sharing that centre
     nearest = torch.where(d_right < d_left, right, left).clamp(max=Tt - 1)  # (B, Ts)
+    if causal:
+        nearest = (in_time - 1).clamp(min=0)  # (B, Ts)
 
     alone = (overlap.sum(-1) == 0) & mask_s  # (B, Ts): overlaps nothing, takes the nearest token
     index = torch.where(alone[..., None], nearest[..., None], index)  # (B, Ts, k)
@@ -365,21 +395,21 @@ def time_taps(
     ``[0, Tt)`` and (B, Ts, k) float32, such that row ``i`` of ``time_alignment(...)[b]`` is
     ``zeros(Tt).index_add(0, index[b, i], weight[b, i])``; unused taps and student padding have weight 0.
     ``global`` / ``segment``: k = 2, the two neighbours of linear interpolation (the same step at the
-    end of a segment). ``span``: k = the most teacher tokens one student token's characters reach in this
-    batch (at least 1, the nearest-token fallback); it needs teacher offsets whose starts and ends never
+    end of a segment). ``span`` / ``causal_span``: k = the most teacher tokens one student token's characters
+    reach in this batch (at least 1, the fallback token); it needs teacher offsets whose starts and ends never
     decrease over real tokens (``kvlib.text.encode_batch`` tiles them). Work and memory O(B Ts k), with
     O(log Tt) binary searches for ``span``: no (Ts, Tt) matrix. Apply to x_t (B, H, Tt, D) as the sum over
     taps ``j`` of ``weight[:, None, :, j, None] * x_t.gather(2, index[:, None, :, j, None].expand(B, H, Ts, D))``
     (``kvlib.distill.TeacherAligner`` does). ``Tt = 0`` gives k = 0.
     """
     _check_alignment(kind, mask_t, mask_s, offsets_t, offsets_s, bounds_t, bounds_s)
-    if kind == "span":
+    if kind in SPANS:
         mask_t, mask_s = _check_offsets(offsets_t, offsets_s, mask_t, mask_s)
     (B, Tt), Ts = mask_t.shape, mask_s.shape[1]
     if Tt == 0:  # no teacher token, hence (checked) no real student token: no taps
         return mask_s.new_zeros(B, Ts, 0, dtype=torch.long), torch.zeros(B, Ts, 0, device=mask_s.device)
-    if kind == "span":
-        return _span_taps(offsets_t, offsets_s, mask_t.bool(), mask_s.bool())
+    if kind in SPANS:
+        return _span_taps(offsets_t, offsets_s, mask_t.bool(), mask_s.bool(), causal=kind == "causal_span")
     b_t, b_s = _alignment_bounds(kind, mask_t, mask_s, bounds_t, bounds_s)
     pos, _, keep = _segment_positions(b_t, b_s, Tt, Ts)  # (B, Ts) each
     lo = pos.floor().long()  # (B, Ts)

@@ -290,3 +290,99 @@ def compare_to_control(
     for name, r in out.items():
         r["p_adjusted"], r["reject"] = adjusted[name]["p_adjusted"], adjusted[name]["reject"]
     return out
+
+
+def _counts(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
+    """(size, n) int counts: row r holds how often each of range(n) came up in n draws with replacement."""
+    draws = rng.integers(0, n, size=(size, n)) + n * np.arange(size)[:, None]  # (size, n) indices into the flat counts
+    return np.bincount(draws.ravel(), minlength=size * n).reshape(size, n)  # (size, n)
+
+
+def hierarchical_bootstrap(
+    a, b, n_resamples: int = 10000, confidence: float = 0.95, seed: int = 0, paired_seeds: bool | None = None
+) -> dict:
+    """Two-stage bootstrap of ``mean(a) - mean(b)`` that resamples seeds, then examples.
+
+    a: (S, N) and b: (S', N) 0/1 correctness, S and S' seeds on the same N examples in order.
+    ``paired_seeds`` (None: paired iff S == S') says row s of a and of b share a student seed; it
+    needs S == S'. Each resample draws S (and S') seeds with replacement, one draw for both arms
+    when paired, then N examples with replacement, one draw for both arms (examples are always
+    paired), and takes the mean over the drawn seeds and examples of a minus the same of b.
+
+    Returns ``{"diff", "low", "high", "se", "p", "n_seeds": [S, S'], "n_examples": N, "method":
+    "hierarchical"}``: diff the observed difference in proportion units, [low, high] the percentile
+    interval, se the sd (ddof=1) of the resampled statistic, p the percentile-inversion p-value
+    ``min(1, 2 (min(k_le, k_ge) + 1) / (n_resamples + 1))`` with k_le (k_ge) the resamples <= 0
+    (>= 0). When no resample can differ from diff (paired: a - b constant; unpaired: a and b each
+    constant) the interval is [diff, diff], se 0 and p the same formula with every resample at diff.
+    """
+    if n_resamples < 2:
+        raise ValueError(f"n_resamples must be >= 2 for a bootstrap sd, got {n_resamples}")
+    _check_resampling(n_resamples, confidence, "percentile")
+    a, b = _as_correct(a, "a"), _as_correct(b, "b")
+    (Sa, N), (Sb, Nb) = a.shape, b.shape
+    if N != Nb:
+        raise ValueError(
+            f"a {a.shape} and b {b.shape} hold different numbers of examples ({N} vs {Nb}); pass (S, N) "
+            "correctness on the same N test examples, in order"
+        )
+    if paired_seeds is None:
+        paired_seeds = Sa == Sb
+    if paired_seeds and Sa != Sb:
+        raise ValueError(
+            f"paired_seeds=True needs one row per shared seed in both arms, got a {a.shape} and b {b.shape}; "
+            "pass paired_seeds=False when the arms' seeds are unrelated"
+        )
+    diff = float(a.mean() - b.mean())
+    out = {"diff": diff, "n_seeds": [Sa, Sb], "n_examples": N, "method": "hierarchical"}
+    spread = np.ptp(a - b) if paired_seeds else max(np.ptp(a), np.ptp(b))  # 0: every resample equals diff
+    if spread <= _TOL:
+        k = n_resamples if abs(diff) <= _TOL else 0  # resamples on the far side of 0: all of them, or none
+        return out | {"low": diff, "high": diff, "se": 0.0, "p": min(1.0, 2 * (k + 1) / (n_resamples + 1))}
+    rng = np.random.default_rng(seed)
+    stats = np.empty(n_resamples)  # (n_resamples,)
+    for start in range(0, n_resamples, _BATCH):
+        size = min(_BATCH, n_resamples - start)
+        wa = _counts(rng, Sa, size) / Sa  # (size, S) weight of each seed of a
+        wb = wa if paired_seeds else _counts(rng, Sb, size) / Sb  # (size, S')
+        wn = _counts(rng, N, size) / N  # (size, N) weight of each example, shared by both arms
+        stats[start : start + size] = np.sum((wa @ a - wb @ b) * wn, axis=1)  # (size, N) -> (size,)
+    low, high = np.quantile(stats, [(1 - confidence) / 2, (1 + confidence) / 2])
+    k = min(np.count_nonzero(stats <= _TOL), np.count_nonzero(stats >= -_TOL))
+    p = min(1.0, 2 * (k + 1) / (n_resamples + 1))
+    return out | {"low": float(low), "high": float(high), "se": float(stats.std(ddof=1)), "p": p}
+
+
+def minimum_detectable_effect(se: float, alpha: float = 0.05, power: float = 0.8, tests: int = 1) -> float:
+    """Smallest true difference a two-sided z-test at level alpha / tests detects with the given power.
+
+    ``(z_{1 - alpha / (2 tests)} + z_{power}) se``: Bonferroni over ``tests`` contrasts, the worst
+    case of Holm; the chance of rejecting on the wrong side is neglected. se in the units of the result.
+    """
+    if not (np.isfinite(se) and se >= 0):
+        raise ValueError(f"se must be a finite standard error >= 0, got {se}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if not 0 < power < 1:
+        raise ValueError(f"power must be in (0, 1), got {power}; e.g. 0.8 for 80%")
+    if not isinstance(tests, int | np.integer) or tests < 1:
+        raise ValueError(f"tests must be an integer >= 1 (the number of contrasts corrected for), got {tests!r}")
+    return float((scipy.stats.norm.ppf(1 - alpha / (2 * tests)) + scipy.stats.norm.ppf(power)) * se)
+
+
+def seed_variance(correct) -> dict:
+    """How far the per-seed accuracies of one arm spread beyond item-level Bernoulli noise.
+
+    correct: (S, N) 0/1, S >= 2 seeds. Returns ``{"accuracy_sd", "binomial_sd"}``: accuracy_sd the
+    sd (ddof=1) over seeds of the per-seed accuracy; binomial_sd ``sqrt(mean_i v_i / N)`` with
+    ``v_i = S / (S - 1) pbar_i (1 - pbar_i)`` the across-seed variance (ddof=1) of example i,
+    pbar_i its across-seed mean. ``accuracy_sd^2 = binomial_sd^2 + sum_{i != j} cov_ij / N^2``
+    exactly (cov the across-seed covariance, ddof=1); if seeds differed only by independent
+    per-example coin flips the cross terms would have mean 0 and the two sds would agree on average.
+    """
+    correct = _as_correct(correct, "correct")
+    S, N = correct.shape
+    if S < 2:
+        raise ValueError(f"seed_variance needs at least 2 seeds for a standard deviation, got shape {correct.shape}")
+    v = correct.var(axis=0, ddof=1)  # (N,)
+    return {"accuracy_sd": float(correct.mean(axis=1).std(ddof=1)), "binomial_sd": float(np.sqrt(v.mean() / N))}

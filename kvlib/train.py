@@ -33,8 +33,15 @@ for CE only, ``kvlib.distill.Distiller`` with teachers). Notable choices:
   processes, learning rate, validation numbers every ``eval_every`` steps when a ``validate``
   callback is given, tokens the main process has seen, with a fusion the teachers' mean weights per
   task and student layer, and every ``share_every`` steps each loss term's share of the gradient on
-  the student). A resume keeps the lines up to its checkpoint's step and drops a torn last line (no
-  newline: the process was killed while appending it).
+  the student; per student layer the std of the student's and the targets' K and V, ``kv_std``; the mean
+  gradient norm before clipping and the share of steps it was clipped). A resume keeps the lines up to its
+  checkpoint's step and drops a torn last line (no newline: the process was killed while appending it);
+- **clipping** (``clip``): ``joint`` clips the gradient of the total loss to ``max_grad_norm``, so a large
+  auxiliary term shrinks the CE step as well; ``separate`` clips the CE gradient and the gradient of the
+  other terms (KV, relation, entropy) each to ``max_grad_norm`` and adds them, so a run with a KV term takes
+  the same CE step as a CE-only run would from the same gradient (one extra backward pass of CE per
+  micro-batch; under data parallelism the CE part is averaged over processes like the rest; not under FSDP,
+  whose gradients are sharded).
 - **the final model** is saved to ``model.tmp`` and renamed to ``model``, so that a kill while it is
   written leaves no half-written ``model/`` (the next run, finding the finished checkpoint, saves it again).
 """
@@ -80,6 +87,48 @@ def gradient_shares(losses: dict[str, Tensor], params: list[Tensor]) -> dict[str
         norms[name] = torch.sqrt(sum((g.float().square().sum() for g in grads if g is not None), torch.zeros(())))
     total = float(sum(norms.values()))
     return {name: (float(n) / total if total > 0 else 0.0) for name, n in norms.items()}
+
+
+def _separate_grads(accelerator, terms: dict, params: list, ce_sum: list | None, grad_accum: int) -> list:
+    """Back-propagate the non-CE terms into ``.grad`` and add this micro-batch's CE gradient to ``ce_sum``
+    (one tensor per parameter, the CE gradient kept apart until the optimizer step)."""
+    ce = torch.autograd.grad(terms["ce"] / grad_accum, params, retain_graph=True, allow_unused=True)
+    ce = [torch.zeros_like(p) if g is None else g for p, g in zip(params, ce)]
+    accelerator.backward(terms["loss"] - terms["ce"])
+    return ce if ce_sum is None else [a + b for a, b in zip(ce_sum, ce)]
+
+
+def _clip_separately(accelerator, params: list, ce_sum: list, max_norm: float) -> tuple[float, float]:
+    """Clip the non-CE gradient in ``.grad`` and the CE gradient ``ce_sum`` each to ``max_norm``, add the CE part
+    to ``.grad``; returns both norms before clipping. The CE part is averaged over processes first."""
+    aux = float(accelerator.clip_grad_norm_(params, max_norm))
+    flat = torch.cat([g.flatten() for g in ce_sum])
+    if accelerator.num_processes > 1:
+        flat = accelerator.reduce(flat, reduction="mean")
+    norm = float(flat.norm())
+    scale = min(1.0, max_norm / (norm + 1e-6))
+    start = 0
+    for p in params:
+        g = flat[start : start + p.numel()].view_as(p).to(p.dtype) * scale
+        start += p.numel()
+        p.grad = g if p.grad is None else p.grad + g
+    return norm, aux
+
+
+def _norm_summary(norms: dict[str, list[float]], max_norm: float) -> dict:
+    """Mean pre-clip gradient norm per clipped part (``""``: joint) over a log window and its share clipped."""
+    row = {}
+    for name, values in norms.items():
+        suffix = f"_{name}" if name else ""
+        row[f"grad_norm{suffix}"] = sum(values) / len(values)
+        row[f"clipped{suffix}"] = sum(v > max_norm for v in values) / len(values)
+    return row
+
+
+def _scale_summary(mean: Tensor) -> dict[str, list[float]]:
+    """``kv_std`` (Ls, 2 or 4) averaged over a window as lists per student layer."""
+    names = ("student_k", "student_v", "target_k", "target_v")[: mean.shape[1]]
+    return {name: mean[:, j].tolist() for j, name in enumerate(names)}
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -246,9 +295,13 @@ def train(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
+    if cfg.clip == "separate" and accelerator.distributed_type == DistributedType.FSDP:
+        raise ValueError("clip 'separate' needs whole gradients, which FSDP shards; use clip 'joint' under FSDP")
     model, optimizer = accelerator.prepare(distiller, optimizer)
     student_params = [p for p in accelerator.unwrap_model(model).student.parameters() if p.requires_grad]
     weights = accelerator.unwrap_model(model).term_weights()
+    separate = cfg.clip == "separate" and len(weights) > 1  # CE only: one term, nothing to separate
+    trainable = [p for p in model.parameters() if p.requires_grad]
 
     checkpoint, metrics_path = out / "checkpoint", out / "metrics.jsonl"
     run = {"train": dataclasses.asdict(cfg), "run": fingerprint}
@@ -285,6 +338,7 @@ def train(
         mininterval=2,
     )
     sums, count, shares, t0 = {}, 0, None, time.perf_counter()
+    scale_sum, window, norms, ce_sum = None, 0, {}, None  # kv_std summed over the log window; pre-clip norms
     routed, routed_n = {}, {}  # per task: summed fusion weights (Ls, N) and example counts
     model.train()
     while step < cfg.steps and (stop_at is None or step < stop_at):
@@ -295,6 +349,9 @@ def train(
             with accelerator.accumulate(model):
                 terms = model(batch)
                 fusion_weights = terms.pop("fusion_weights", None)  # (Ls, B, N)
+                kv_std = terms.pop("kv_std", None)  # (Ls, 2 or 4)
+                if kv_std is not None:
+                    scale_sum, window = (kv_std if scale_sum is None else scale_sum + kv_std), window + 1
                 values = {name: float(value.detach()) for name, value in terms.items()}
                 for name, value in values.items():
                     if not math.isfinite(value):
@@ -303,13 +360,27 @@ def train(
                     shares = gradient_shares(
                         {n: weights[n] * terms[n] for n in weights if n in terms and weights[n] > 0}, student_params
                     )
-                accelerator.backward(terms["loss"])
+                if separate:
+                    ce_sum = _separate_grads(accelerator, terms, trainable, ce_sum, cfg.grad_accum)
+                else:
+                    accelerator.backward(terms["loss"])
                 if accelerator.sync_gradients:
-                    norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
-                    if accelerator.scaler is None and not math.isfinite(norm):
-                        raise FloatingPointError(
-                            _non_finite_message("gradient norm", norm, step + 1, saved, cfg, mixed)
+                    if separate:
+                        step_norms = dict(
+                            zip(("ce", "aux"), _clip_separately(accelerator, trainable, ce_sum, cfg.max_grad_norm))
                         )
+                        ce_sum = None
+                    else:
+                        name = "ce" if cfg.clip == "separate" else ""  # CE only: its norm is the CE norm
+                        step_norms = {name: float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))}
+                    for name, norm in step_norms.items():
+                        if accelerator.scaler is None and not math.isfinite(norm):
+                            raise FloatingPointError(
+                                _non_finite_message(
+                                    f"gradient norm{' of ' + name if name else ''}", norm, step + 1, saved, cfg, mixed
+                                )
+                            )
+                        norms.setdefault(name, []).append(norm)
                 optimizer.step()
                 optimizer.zero_grad()
             for name, value in values.items():
@@ -338,6 +409,10 @@ def train(
                 if routed:
                     row["fusion_weights"] = {t: (w / max(routed_n[t], 1)).tolist() for t, w in routed.items()}
                 routed, routed_n = {}, {}
+                row |= _norm_summary(norms, cfg.max_grad_norm)
+                if scale_sum is not None:
+                    row["kv_std"] = _scale_summary(scale_sum / window)
+                scale_sum, norms, window = None, {}, 0
                 row["seconds"] = round(time.perf_counter() - t0, 3)
                 bar.set_postfix({k: f"{row[k]:.3f}" for k in ("loss", "ce", "kv") if k in row})
                 if accelerator.is_main_process:

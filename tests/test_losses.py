@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kvlib.losses import kv_distance, kv_loss, relation_loss
+from kvlib.losses import kv_distance, kv_loss, kv_scales, relation_loss
 from kvlib.train import gradient_shares
 
 
@@ -47,12 +47,49 @@ def test_per_head_mask_selects_heads():
     )
 
 
-def test_normalisation_makes_the_loss_scale_free():
+@pytest.mark.parametrize("kind", ["mse", "l1", "smooth_l1", "cosine"])
+def test_normalisation_makes_each_side_scale_and_shift_free(kind):
+    """A collapse cannot lower the loss: scaling (or shifting) either side alone leaves it unchanged. In float32
+    the standardised tensors differ from the unscaled ones by a few ulps (one mean, one std, one division), so
+    relative 1e-5 is ~100 ulps of headroom (shifts are made at the data's own scale: a shift of 5 on data of std
+    1e-3 would lose ulp(5) / 1e-3 ~ 5e-4 to rounding before the loss is computed); a side left unstandardised
+    changes the loss by O(1)."""
+    pred, target = kv(), kv()
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    base = kv_distance(pred, target, mask, kind, normalize=True)
+    for c in (1e-3, 0.1, 30.0):
+        for p, t in ((c * pred, target), (pred, c * target), (c * (pred + 5), c * (target - 2))):
+            torch.testing.assert_close(kv_distance(p, t, mask, kind, normalize=True), base, rtol=1e-5, atol=1e-6)
+    assert kv_distance(0.1 * pred, target, mask, kind, normalize=False) != pytest.approx(base.item(), rel=1e-3)
+
+
+def test_no_gradient_toward_a_smaller_scale_on_either_side():
+    """d loss / d scale is 0 for a scale on the student or on the (projected) target. The earlier rule, both
+    sides divided by the target's detached std, has a non-zero one on the target side (a projector could
+    shrink its output to lower the loss): computed here too, so the test separates the two rules."""
     pred, target = kv(), kv()
     mask = torch.ones(2, 5)
-    torch.testing.assert_close(
-        kv_distance(100 * pred, 100 * target, mask, normalize=True), kv_distance(pred, target, mask, normalize=True)
-    )
+    for side in ("student", "target"):
+        scale = torch.ones((), requires_grad=True)
+        p, t = (scale * pred, target) if side == "student" else (pred, scale * target)
+        kv_distance(p, t, mask, "mse", normalize=True).backward()
+        assert abs(scale.grad.item()) < 1e-5, side
+    scale = torch.ones((), requires_grad=True)
+    t = scale * target
+    std = t.std(unbiased=False).detach()
+    ((pred / std - t / std) ** 2).mean().backward()
+    assert abs(scale.grad.item()) > 0.1
+
+
+def test_kv_scales_are_the_masked_standard_deviations():
+    pair = [(kv(), 3 * kv()), (0.5 * kv(), kv())]
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool()
+    got = kv_scales(pair, mask)
+    assert got.shape == (2, 2) and not got.requires_grad
+    for layer, (k, v) in enumerate(pair):
+        for j, x in enumerate((k, v)):
+            real = x.permute(0, 2, 1, 3)[mask]  # (positions, H, D)
+            torch.testing.assert_close(got[layer, j], real.std(unbiased=False), rtol=1e-5, atol=0)
 
 
 def test_kv_loss_uses_keys_and_values_with_their_weights():

@@ -184,6 +184,42 @@ def test_padding_rows_and_columns_are_zero_and_real_rows_sum_to_one():
     torch.testing.assert_close(a[:, :2].sum(2), torch.ones(2, 2))
 
 
+def test_causal_span_drops_teacher_tokens_that_end_after_the_student_token():
+    teacher = offsets([[0, 0], [0, 1], [1, 4], [4, 6]])  # <bos>, "a", "bcd", "ef"
+    student = offsets([[0, 0], [0, 3], [3, 6]])  # <bos>, "abc", "def"
+    span = span_alignment(teacher, student)
+    causal = span_alignment(teacher, student, causal=True)
+    assert span[0, 1].tolist() == pytest.approx([0, 1 / 3, 2 / 3, 0])  # "abc" overlaps "a" and "bc" of "bcd"
+    assert causal[0, 1].tolist() == [0, 1, 0, 0]  # "bcd" ends after "abc": only "a" has been read
+    assert causal[0, 2].tolist() == pytest.approx([0, 0, 1 / 3, 2 / 3])  # "bcd" and "ef" both end by 6
+    assert causal[0, 0].tolist() == [1, 0, 0, 0]  # <bos> reads <bos>
+
+
+def test_causal_span_falls_back_to_the_last_teacher_token_that_ended():
+    teacher = offsets([[0, 0], [0, 5], [5, 9]])  # <bos>, "hello", " wor"
+    student = offsets([[0, 2], [2, 5], [5, 7]])  # "he", "llo", " w"
+    a = span_alignment(teacher, student, causal=True)
+    assert a[0].tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 0]]  # "he" only after <bos>; " w" after "hello"
+    no_bos = span_alignment(offsets([[0, 5], [5, 9]]), offsets([[0, 2]]), causal=True)
+    assert no_bos[0].tolist() == [[1, 0]]  # nothing ended by 2: the first teacher token (documented fallback)
+
+
+def test_causal_span_never_weights_a_teacher_token_ending_after_the_student_token():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+
+        def tiles(n):
+            cuts = torch.sort(torch.randperm(n - 1, generator=gen)[: n // 3] + 1).values.tolist()
+            edges = [0, *cuts, n]
+            return offsets([[0, 0]] + [list(p) for p in zip(edges[:-1], edges[1:])])
+
+        teacher, student = tiles(30), tiles(30)
+        a = span_alignment(teacher, student, causal=True)[0]  # (Ts, Tt)
+        late = teacher[0, None, :, 1] > student[0, :, None, 1]  # (Ts, Tt)
+        assert (a[late] == 0).all()
+        torch.testing.assert_close(a.sum(1), torch.ones(a.shape[0]))
+
+
 def test_span_alignment_rejects_malformed_offsets():
     with pytest.raises(ValueError, match=r"offsets must be \(B, T, 2\)"):
         span_alignment(torch.zeros(1, 3, 3), torch.zeros(1, 3, 2))
@@ -286,7 +322,7 @@ def alignment_inputs(kind: str, lengths_t: list[int], Tt: int, lengths_s: list[i
     """Right-padded masks of these real lengths and, per kind, offsets (token i covers character i) or one
     segment per example covering its real tokens."""
     mask_t, mask_s = right_mask(lengths_t, Tt), right_mask(lengths_s, Ts)
-    if kind == "span":
+    if kind in ("span", "causal_span"):
         offsets = [
             torch.stack([torch.arange(m.shape[1]), torch.arange(m.shape[1]) + 1], -1) * m[..., None]
             for m in (mask_t, mask_s)
@@ -298,7 +334,7 @@ def alignment_inputs(kind: str, lengths_t: list[int], Tt: int, lengths_s: list[i
     return mask_t, mask_s, {}
 
 
-@pytest.mark.parametrize("kind", ["global", "segment", "span"])
+@pytest.mark.parametrize("kind", ["global", "segment", "span", "causal_span"])
 @pytest.mark.parametrize(
     "lengths_t, Tt, lengths_s, Ts",
     [

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from kvlib.batches import collate_fn
@@ -18,7 +19,7 @@ from kvlib.layers import layer_map
 from kvlib.rope import unrotate_keys
 from kvlib.teacher_kv import extract_store, online_batch
 from kvlib.text import encode_batch, train_tokenizer
-from kvlib.train import check_validation, train
+from kvlib.train import _clip_separately, _separate_grads, check_validation, train
 
 FAST = dict(batch_size=4, lr=3e-3, warmup_steps=2, log_every=1, save_every=2, share_every=2)
 # A stored value is the float32 one rounded to float16 (relative error <= float16's unit roundoff), and the
@@ -94,7 +95,8 @@ def test_ce_only_distiller_matches_the_models_own_loss(setup):
     expected = s(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
     terms = Distiller(s)(batch)
     torch.testing.assert_close(terms["ce"], expected)
-    assert set(terms) == {"ce", "loss"}
+    assert set(terms) == {"ce", "loss", "kv_std"}
+    assert terms["kv_std"].shape == (s.config.num_hidden_layers, 2) and (terms["kv_std"] > 0).all()
 
 
 @pytest.mark.parametrize("time_align", ["global", "segment", "span"])
@@ -111,7 +113,8 @@ def test_aligned_targets_have_the_students_shape_and_cover_its_tokens(setup, tim
 def test_kv_terms_reach_the_student_and_the_projectors(setup):
     d, collate = distiller(setup, relation_weight=0.5, relation_heads=2)
     terms = d(collate(range(4)))
-    assert set(terms) == {"ce", "kv", "relation", "loss"}
+    assert set(terms) == {"ce", "kv", "relation", "loss", "kv_std"}
+    assert terms["kv_std"].shape[1] == 4 and not terms["kv_std"].requires_grad
     torch.testing.assert_close(terms["loss"], terms["ce"] + terms["kv"] + 0.5 * terms["relation"])
     terms["loss"].backward()
     assert d.student.model.layers[0].self_attn.k_proj.weight.grad.abs().sum() > 0
@@ -349,3 +352,53 @@ def test_validation_under_fsdp_is_refused_with_the_fix():
     check_validation(DistributedType.FSDP, False)
     with pytest.raises(ValueError, match="not supported under FSDP; set eval_every: 0"):
         check_validation(DistributedType.FSDP, True)
+
+
+def clipped(grads, params, max_norm):
+    """Reference: one term's gradient (None as zeros) clipped to max_norm as torch's clip_grad_norm_ does."""
+    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+    norm = torch.sqrt(sum(g.square().sum() for g in grads))
+    return [g * min(1.0, max_norm / (float(norm) + 1e-6)) for g in grads], float(norm)
+
+
+@pytest.mark.parametrize("weight", [5.0, 500.0])
+def test_separate_clipping_gives_the_ce_step_whatever_the_kv_weight(setup, weight):
+    """The applied gradient is clip(grad CE) + clip(grad of the rest), each to max_norm: the CE part does not
+    shrink when the KV term grows (under joint clipping it would, by the factor the KV norm sets). The same
+    float32 sums in another order: float32's default tolerances."""
+    d, collate = distiller(setup, weight=weight)
+    params = [p for p in d.parameters() if p.requires_grad]
+    terms = d(collate(range(4)))
+    ce_ref, ce_norm = clipped(
+        torch.autograd.grad(terms["ce"], params, retain_graph=True, allow_unused=True), params, 0.1
+    )
+    aux = torch.autograd.grad(terms["loss"] - terms["ce"], params, retain_graph=True, allow_unused=True)
+    aux_ref, aux_norm = clipped(aux, params, 0.1)
+    assert min(ce_norm, aux_norm) > 0.1  # both parts are clipped, so the test sees the scaling
+    ce_sum = _separate_grads(Accelerator(cpu=True), terms, params, None, grad_accum=1)
+    norms = _clip_separately(Accelerator(cpu=True), params, ce_sum, 0.1)
+    assert norms == pytest.approx((ce_norm, aux_norm), rel=1e-5)
+    for p, c, a in zip(params, ce_ref, aux_ref):
+        torch.testing.assert_close(p.grad, c + a)
+    ce_part = torch.cat([(p.grad - a).flatten() for p, a in zip(params, aux_ref)])
+    assert float(ce_part.norm()) == pytest.approx(0.1, rel=1e-4)  # the CE step has max_norm, not less
+
+
+def test_training_logs_kv_scales_and_pre_clip_norms(setup, tmp_path):
+    d, collate = distiller(setup)
+    cfg = TrainConfig(**{**FAST, "steps": 2, "clip": "separate"})
+    train(d, collate, len(setup[0]), cfg, tmp_path / "kv", progress=False)
+    row = json.loads((tmp_path / "kv" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"grad_norm_ce", "grad_norm_aux", "clipped_ce", "clipped_aux"} <= set(row)
+    assert set(row["kv_std"]) == {"student_k", "student_v", "target_k", "target_v"}
+    assert all(len(v) == 2 and min(v) > 0 for v in row["kv_std"].values())  # one per student layer
+    ce_only = Distiller(student(setup[2]))
+    train(ce_only, collate, len(setup[0]), cfg, tmp_path / "ce", progress=False)
+    row = json.loads((tmp_path / "ce" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"grad_norm_ce", "clipped_ce"} <= set(row) and "grad_norm_aux" not in row
+    assert set(row["kv_std"]) == {"student_k", "student_v"}
+
+
+def test_separate_clipping_refuses_fp16():
+    with pytest.raises(ValueError, match="clip 'separate' takes the CE gradient apart"):
+        TrainConfig(clip="separate", mixed_precision="fp16")
