@@ -32,7 +32,7 @@ import yaml
 from kvlib.models import FAMILIES, build_model, model_config
 
 OPTIONS = ("allow_outside_project",)  # top-level booleans of a params file, not sections (see kvlib.runner)
-STUDY_KEYS = ("teachers", "control", "groups", "seeds")
+STUDY_KEYS = ("teachers", "control", "groups", "seeds", "tuning", "secondary")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a teacher or group name: it names folders and notebooks
 NAMES = {bool: "a bool (true/false)", int: "an integer", float: "a finite number", str: "a string", dict: "a mapping"}
 PLURALS = {int: "integers", float: "finite numbers", str: "strings"}  # the items of list[...] fields
@@ -235,13 +235,16 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    """A tokenizer trained on the training texts: ``char`` (vocab_size None) or byte-level ``bpe``."""
+    """A tokenizer trained on the training texts: ``char`` (vocab_size None) or byte-level ``bpe``. ``corpus``: the
+    data split it is trained on ("": the model's own training split)."""
 
     kind: str = "bpe"
     vocab_size: int | None = 384
+    corpus: str = ""
 
     def __post_init__(self):
         check_choice("tokenizer kind", self.kind, ("char", "bpe"))
+        check_choice("tokenizer corpus", self.corpus, ("", "teacher_train", "student_train"))
 
 
 @dataclass(frozen=True)
@@ -283,31 +286,55 @@ def _at(params: dict, path: str):
     return value
 
 
+def _names(items, key: str, kind: str = "names", empty: bool = False) -> list:
+    """A list of distinct names (or integers), non-empty unless ``empty``, else ValueError naming ``key``."""
+    typed = isinstance(items, list) and all(
+        isinstance(x, int) and not isinstance(x, bool) if kind == "integers" else isinstance(x, str) for x in items
+    )
+    if not typed or not (items or empty) or len(set(items)) != len(items):
+        raise ValueError(f"{key} must be a {'' if empty else 'non-empty '}list of distinct {kind}, got {items!r}")
+    return items
+
+
+def _runs(study: dict, key: str) -> tuple[list, list]:
+    """``study[key]``'s groups and seeds (``tuning``, ``secondary``: ``{groups, seeds}``; secondary may be empty)."""
+    part = study[key]
+    if not isinstance(part, dict) or sorted(part) != ["groups", "seeds"]:
+        raise ValueError(f"study.{key} must be a mapping with exactly the keys groups and seeds, got {part!r}")
+    empty = key == "secondary"
+    groups = _names(part["groups"], f"study.{key}.groups", empty=empty)
+    return groups, _names(part["seeds"], f"study.{key}.seeds", "integers", empty=empty)
+
+
 def check_study(params: dict) -> None:
     """Check section ``study`` of a params mapping against the sections that must agree with it.
 
     ``study`` names what dvc.yaml's generated stages iterate over: ``teachers`` (a teacher and a KV
-    extraction each), ``control`` and ``groups`` (a training run per seed each), ``seeds``. Each list is
-    non-empty and without repeats, seeds are integers, names are path-safe (``NAME``: they name folders and
-    executed notebooks). Every teacher and group must exist in ``teacher.teachers`` / ``train.groups``, every
-    trained group may use only the study's teachers, and the evaluate, statistics and report sections must
-    cover exactly the study's groups and seeds. A params file without ``study`` (one stage run by hand)
-    has nothing to check. Raises ValueError naming the key and the fix.
+    extraction each), ``control`` and ``groups`` (the arms, a training run per seed each), ``seeds``,
+    ``tuning`` (the candidates of ``kvlib.tuning``, trained on their own seeds and scored on validation) and
+    ``secondary`` (exploratory arms on their own, fewer seeds; may be empty lists). Each list is non-empty and
+    without repeats, seeds are integers, names are path-safe (``NAME``: they name folders and executed
+    notebooks) and no group plays two roles; tuning seeds are not the arms' seeds (a choice is never made on
+    runs that are compared). Every teacher and group must exist in ``teacher.teachers`` / ``train.groups``,
+    every group may use only the study's teachers, ``tune`` must list exactly the tuning candidates and
+    seeds, and every ``tuned`` arm a family of it; the evaluate, statistics and report sections must cover
+    exactly the study's arms and seeds. A params file without ``study`` (one stage run by hand) has nothing to
+    check. Raises ValueError naming the key and the fix.
     """
     if "study" not in params:
         return
     study = params["study"]
     if sorted(study) != sorted(STUDY_KEYS):
         raise ValueError(f"study must have exactly the keys {list(STUDY_KEYS)}, got {sorted(study)}")
-    for key in ("teachers", "groups", "seeds"):
-        items, kind = study[key], "integers" if key == "seeds" else "names"
-        typed = isinstance(items, list) and all(
-            isinstance(x, int) and not isinstance(x, bool) if key == "seeds" else isinstance(x, str) for x in items
-        )
-        if not typed or not items or len(set(items)) != len(items):
-            raise ValueError(f"study.{key} must be a non-empty list of distinct {kind}, got {items!r}")
-    control, groups, teachers = study["control"], study["groups"], study["teachers"]
-    unsafe = [n for n in [control, *groups, *teachers] if not (isinstance(n, str) and NAME.fullmatch(n))]
+    teachers, groups = _names(study["teachers"], "study.teachers"), _names(study["groups"], "study.groups")
+    seeds, control = _names(study["seeds"], "study.seeds", "integers"), study["control"]
+    candidates, tuning_seeds = _runs(study, "tuning")
+    secondary, secondary_seeds = _runs(study, "secondary")
+    unsafe = [
+        n
+        for n in [control, *groups, *teachers, *candidates, *secondary]
+        if not (isinstance(n, str) and NAME.fullmatch(n))
+    ]
     if unsafe:
         raise ValueError(
             f"study names {unsafe} must be letters, digits, '.', '_' or '-', starting with a letter or digit "
@@ -315,33 +342,83 @@ def check_study(params: dict) -> None:
         )
     if control in groups:
         raise ValueError(f"study.control {control!r} is also in study.groups {groups}; remove it from the groups")
+    roles = [control, *groups, *candidates, *secondary]
+    twice = sorted({n for n in roles if roles.count(n) > 1})
+    if twice:
+        raise ValueError(
+            f"groups {twice} play two roles in the study (arm, tuning candidate, secondary); give each one"
+        )
+    reused = sorted(set(tuning_seeds) & (set(seeds) | set(secondary_seeds)))
+    if reused:
+        raise ValueError(
+            f"tuning seeds {reused} are also seeds of compared runs; choose tuning seeds of their own (e.g. 100, 101)"
+        )
     every = [control, *groups]
-    for names, path in ((teachers, "teacher.teachers"), (every, "train.groups")):
+    for names, path in ((teachers, "teacher.teachers"), (roles, "train.groups")):
         absent = [n for n in names if n not in _at(params, path)]
         if absent:
             raise ValueError(
                 f"the study names {absent}, absent from {path} {sorted(_at(params, path))}; add them there or "
                 "remove them from the study"
             )
-    for path in [f"train.groups.{g}.teachers" for g in every] + ["alignment.teachers"]:
+    train_groups = _at(params, "train.groups")
+    paths = [f"train.groups.{g}.teachers" for g in roles if "teachers" in train_groups[g]] + ["alignment.teachers"]
+    for path in paths:
         extra = [t for t in _at(params, path) if t not in teachers]
         if extra:
             raise ValueError(
                 f"{path} names {extra}, but study.teachers is {teachers}: no KV is extracted for them; add them there"
             )
+    families = _at(params, "tune.families")
+    listed = [n for names in families.values() for n in names]
+    if listed != candidates or _at(params, "tune.seeds") != tuning_seeds:
+        raise ValueError(
+            f"tune.families list {listed} on seeds {_at(params, 'tune.seeds')}, but study.tuning has {candidates} "
+            f"on seeds {tuning_seeds}; list the same candidates, family by family, and the same seeds"
+        )
+    for g in roles:
+        family = train_groups[g].get("tuned")
+        if family is not None and (g in candidates or family not in families):
+            where = (
+                "a tuning candidate cannot be tuned itself"
+                if g in candidates
+                else f"tune.families has {sorted(families)}"
+            )
+            raise ValueError(f"train.groups.{g} is tuned by family {family!r}, but {where}")
     expected = {
         "evaluate.groups": every,
-        "evaluate.seeds": study["seeds"],
-        "statistics.control": control,
-        "statistics.groups": every,
-        "report.plan.control": control,
-        "report.plan.groups": every,  # a mapping group -> description: its keys
-        "report.plan.seeds": len(study["seeds"]),
+        "evaluate.seeds": seeds,
+        "report.plan.groups": [*every, *secondary],  # a mapping group -> description: its keys
+        "report.plan.seeds": len(seeds),
     }
+    if secondary:
+        expected["evaluate.secondary"] = {"groups": secondary, "seeds": secondary_seeds}
+    elif _at(params, "evaluate").get("secondary", {"groups": [], "seeds": []}) != {"groups": [], "seeds": []}:
+        raise ValueError(
+            "evaluate.secondary names runs but the study has no secondary; remove it or add study.secondary"
+        )
     for path, want in expected.items():
         got = _at(params, path)
-        if (list(got) if isinstance(got, dict) else got) != want:
+        if (list(got) if isinstance(got, dict) and path.startswith("report") else got) != want:
             raise ValueError(
-                f"{path} is {got!r} but the study makes it {want!r} (study.control, then study.groups; "
-                "report.plan.seeds counts study.seeds); set it so"
+                f"{path} is {got!r} but the study makes it {want!r} (study.control, then study.groups, then "
+                "study.secondary; report.plan.seeds counts study.seeds); set it so"
             )
+    compared = set(every) | set(secondary)
+    for kind in ("primary", "exploratory"):
+        contrasts = _at(params, "statistics.primary") if kind == "primary" else _at(params, "statistics").get(kind, {})
+        bad = {
+            k: v
+            for k, v in contrasts.items()
+            if not (isinstance(v, list) and len(v) == 2 and set(v) <= compared and v[0] != v[1])
+        }
+        if bad:
+            raise ValueError(
+                f"statistics.{kind} contrasts {bad} must each name two different groups of the study (arms or "
+                f"secondary: {sorted(compared)}) as [a, b] for a - b"
+            )
+    if not 1 <= len(_at(params, "statistics.primary")) <= 4:
+        raise ValueError(
+            f"statistics.primary has {len(_at(params, 'statistics.primary'))} contrasts; pre-register one to four "
+            "(Holm corrects over them), the rest are exploratory"
+        )

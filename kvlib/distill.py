@@ -91,13 +91,19 @@ class FusionConfig:
 
 @dataclass(frozen=True)
 class GroupConfig:
-    """One experiment group: which teachers (none = CE only), how their KV is used, how they are fused."""
+    """One experiment group: which teachers (none = CE only), how their KV is used, how they are fused; and,
+    when set, its own learning rate (else the student's) and the number of training examples it uses (the
+    first ``train_examples`` of the student-training split; else all of them)."""
 
     teachers: list[str]
     kv: KVConfig | None = None
     fusion: FusionConfig | None = None
+    lr: float | None = None
+    train_examples: int | None = None
 
     def __post_init__(self):
+        if (self.lr is not None and self.lr <= 0) or (self.train_examples is not None and self.train_examples < 1):
+            raise ValueError(f"lr={self.lr} must be > 0 and train_examples={self.train_examples} >= 1 (or unset)")
         if bool(self.teachers) != (self.kv is not None):
             raise ValueError(f"a group with teachers {self.teachers} needs kv settings, and a group without none")
         if len(self.teachers) > 1 and self.fusion is None:

@@ -34,6 +34,7 @@ from kvlib import project_root
 from kvlib.config import load_params
 from kvlib.files import write_text
 from kvlib.student import train_student
+from kvlib.tuning import resolve_group
 
 GPU_TYPES = ("MULTI_GPU", "FSDP", "DEEPSPEED", "MEGATRON_LM")  # accelerate distributed types with a process per GPU
 
@@ -44,15 +45,17 @@ def student_dir(parameters: dict, group: str, seed: int) -> Path:
 
 
 def train_here(parameters: dict, group: str, seed: int, progress: bool = True) -> dict:
-    """Train student ``<group>-<seed>`` in this process (one of several under a launcher); returns its summary."""
-    if group not in parameters["groups"]:
-        raise ValueError(f"group {group!r} is not among the groups {sorted(parameters['groups'])}")
+    """Train student ``<group>-<seed>`` in this process (one of several under a launcher); returns its summary.
+    A group tuned by a family (``kvlib.tuning``) takes the choice recorded in the file ``tuning`` names."""
     root = project_root()
+    tuning = parameters.get("tuning") or ""
+    choices = json.loads((root / tuning).read_text()) if tuning and (root / tuning).is_file() else None
+    settings = resolve_group(parameters["groups"], group, choices)
     torch.set_num_threads(parameters["threads"])
     alignment = root / parameters["alignment_dir"]
     return train_student(
         parameters["student"],
-        parameters["groups"][group],
+        settings,
         seed,
         root / parameters["data_dir"],
         student_dir(parameters, group, seed),

@@ -19,7 +19,8 @@ The log holds what the cells print and one ``[kvlib]`` line at the start and the
 ``kvlib.progress`` bars of the kernel and of its subprocesses come to the runner's stderr. The executed notebook
 and an HTML copy for readers without Jupyter (nbconvert's ``lab`` template: JupyterLab's styles inline) are
 written to ``reports/notebooks/``, named after the stage and the ``--set`` values (characters other than letters,
-digits and ``._=-`` replaced by ``_``, so ``--set data_dir=/x/y`` names ``01_data-_x_y``). Papermill
+digits and ``._=-`` replaced by ``_``, so ``--set data_dir=/x/y`` names ``01_data-_x_y``; output paths such as
+``out_root`` are left out of the name). Papermill
 writes ``<name>.running.ipynb`` (saved after every cell: open it to follow a run) and it is renamed onto
 ``<name>.ipynb`` only when every cell succeeded; a failed or interrupted run leaves the previous
 complete notebook in place (under ``dvc repro``, DVC has removed a stage's outputs before it starts) and
@@ -136,8 +137,10 @@ def parse_sets(items: list[str]) -> dict:
 
 
 def executed_name(stage_notebook: Path, sets: dict) -> str:
-    """``05_train`` and ``{"group": "G1", "seed": 0}`` -> ``05_train-G1-0``; unsafe characters become ``_``."""
-    return "-".join([stage_notebook.stem, *(re.sub(r"[^A-Za-z0-9._=-]", "_", str(v)) for v in sets.values())])
+    """``05_train`` and ``{"group": "G1", "seed": 0}`` -> ``05_train-G1-0``; unsafe characters become ``_``. Output
+    paths (``OUTPUTS`` keys, e.g. the tuning runs' ``out_root``) do not name it: the group and seed do."""
+    values = [v for k, v in sets.items() if k not in OUTPUTS]
+    return "-".join([stage_notebook.stem, *(re.sub(r"[^A-Za-z0-9._=-]", "_", str(v)) for v in values)])
 
 
 def run_stage(stage: str, params_file: str | Path, sets: dict | None = None, executed_dir: Path | None = None) -> Path:

@@ -47,7 +47,10 @@ def train_student(
     """Train one student (one group, one seed) on the student-training split; returns the training summary.
 
     ``group``: ``teachers`` (names of stores under ``kv_root``; none = CE only), ``kv`` (KVConfig) and,
-    for several teachers, ``fusion`` (FusionConfig). A ``cka`` layer map reads the teacher x student CKA
+    for several teachers, ``fusion`` (FusionConfig); ``lr`` and ``train_examples`` when set (``GroupConfig``).
+    The tokenizer is trained on the split the student's ``tokenizer.corpus`` names (default: the
+    student-training split), so that a fixed corpus keeps it the same whatever ``train_examples`` is.
+    A ``cka`` layer map reads the teacher x student CKA
     matrices the alignment stage wrote to ``alignment_dir/cka_<teacher>.json``. ``store_cache_bytes`` bounds the
     bytes of shards each teacher's store keeps in memory (``KVStore``'s ``cache_bytes``; None: no bound).
     """
@@ -55,11 +58,18 @@ def train_student(
     cfg = ModelConfig.from_params(params)
     if cfg.train is None:
         raise ValueError("a student needs a train section")
-    train_cfg = from_dict(type(cfg.train), {**vars(cfg.train), "seed": seed})
+    train_cfg = from_dict(type(cfg.train), {**vars(cfg.train), "seed": seed} | ({"lr": g.lr} if g.lr else {}))
     out = Path(out_dir)
     splits = load_splits(data_dir)
     examples = splits["student_train"]
-    model, tokenizer = build(cfg, [e.text for e in examples], seed)  # the same on every process
+    used = g.train_examples or len(examples)
+    if used > len(examples):
+        raise ValueError(
+            f"train_examples={used} but the student-training split has {len(examples)}; lower it or raise "
+            "data.sizes.student_train"
+        )
+    corpus = cfg.tokenizer.corpus if cfg.tokenizer is not None and cfg.tokenizer.corpus else "student_train"
+    model, tokenizer = build(cfg, [e.text for e in splits[corpus]], seed)  # the same on every process
     spec_s = kv_spec(model.config)
     if g.teachers and kv_root is None:
         raise ValueError(
@@ -117,7 +127,7 @@ def train_student(
     summary = train(
         distiller,
         collate,
-        len(examples),
+        used,
         train_cfg,
         out,
         progress=progress,
@@ -125,6 +135,7 @@ def train_student(
         fingerprint={"student": params, "group": group, "seed": seed, "examples": examples_sha, "stores": manifests},
     )
     summary |= {"train_seconds": round(time.perf_counter() - start, 1), "seed": seed, "teachers": g.teachers}
+    summary |= {"group": group}  # the settings it trained with (a tuned arm's, resolved)
     if PartialState().is_main_process:  # set up by the training loop; under a launcher only the main process writes
         save_tokenizer(tokenizer, out / "tokenizer")
         write_json(out / "summary.json", summary)

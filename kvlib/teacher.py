@@ -35,7 +35,8 @@ def train_teacher(params: dict, data_dir: str | Path, out_dir: str | Path, progr
         model, tokenizer = load_trained(out, inference=True)
         kv_spec(model.config)  # a model without an attention KV cache is refused before any work
     else:
-        model, tokenizer = build(cfg, [e.text for e in examples], cfg.train.seed)
+        corpus = splits[cfg.tokenizer.corpus] if cfg.tokenizer and cfg.tokenizer.corpus else examples
+        model, tokenizer = build(cfg, [e.text for e in corpus], cfg.train.seed)
         kv_spec(model.config)
         save_tokenizer(tokenizer, out / "tokenizer")
         start = time.perf_counter()

@@ -89,12 +89,13 @@ def gradient_shares(losses: dict[str, Tensor], params: list[Tensor]) -> dict[str
     return {name: (float(n) / total if total > 0 else 0.0) for name, n in norms.items()}
 
 
-def _separate_grads(accelerator, terms: dict, params: list, ce_sum: list | None, grad_accum: int) -> list:
-    """Back-propagate the non-CE terms into ``.grad`` and add this micro-batch's CE gradient to ``ce_sum``
-    (one tensor per parameter, the CE gradient kept apart until the optimizer step)."""
+def _separate_grads(accelerator, terms: dict, weights: dict, params: list, ce_sum: list | None, grad_accum: int):
+    """Back-propagate the weighted non-CE terms into ``.grad`` and add this micro-batch's CE gradient to
+    ``ce_sum`` (one tensor per parameter, the CE gradient kept apart until the optimizer step). The non-CE
+    part is summed from its terms, not taken as ``loss - ce``, whose graph would run through CE's twice."""
     ce = torch.autograd.grad(terms["ce"] / grad_accum, params, retain_graph=True, allow_unused=True)
     ce = [torch.zeros_like(p) if g is None else g for p, g in zip(params, ce)]
-    accelerator.backward(terms["loss"] - terms["ce"])
+    accelerator.backward(sum(w * terms[n] for n, w in weights.items() if n != "ce" and n in terms and w > 0))
     return ce if ce_sum is None else [a + b for a, b in zip(ce_sum, ce)]
 
 
@@ -361,7 +362,7 @@ def train(
                         {n: weights[n] * terms[n] for n in weights if n in terms and weights[n] > 0}, student_params
                     )
                 if separate:
-                    ce_sum = _separate_grads(accelerator, terms, trainable, ce_sum, cfg.grad_accum)
+                    ce_sum = _separate_grads(accelerator, terms, weights, trainable, ce_sum, cfg.grad_accum)
                 else:
                     accelerator.backward(terms["loss"])
                 if accelerator.sync_gradients:

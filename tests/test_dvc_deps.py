@@ -83,13 +83,13 @@ def test_the_closure_follows_imports_through_modules():
 
 # Which stages (by name, generated items together) `dvc status` marks when one module changes. What follows
 # from a marked stage's outputs re-runs too (e.g. evaluate, statistics, report after training).
-STUDENT = {"train_control", "train"}
+STUDENT = {"train_candidate", "train_control", "train", "train_secondary"}
 TEACHER_SIDE = {"teacher", "teacher_kv", "alignment", "evaluate"}
 EVERY_MODEL_STAGE = {"teacher", "teacher_kv", "alignment", "evaluate", "benchmarks"} | STUDENT
 MARKED = {
-    "__init__.py": EVERY_MODEL_STAGE | {"data", "statistics", "report"},
+    "__init__.py": EVERY_MODEL_STAGE | {"data", "tune", "statistics", "report"},
     "data.py": EVERY_MODEL_STAGE | {"data"},
-    "files.py": EVERY_MODEL_STAGE | {"data", "statistics", "report"},
+    "files.py": EVERY_MODEL_STAGE | {"data", "tune", "statistics", "report"},
     "config.py": EVERY_MODEL_STAGE,
     "models.py": EVERY_MODEL_STAGE,
     "text.py": EVERY_MODEL_STAGE,
@@ -114,7 +114,9 @@ MARKED = {
     "distill.py": {"benchmarks"} | STUDENT,
     "student.py": STUDENT,
     "launch.py": STUDENT,
+    "tuning.py": STUDENT | {"tune"},
     "stats.py": {"statistics"},
+    "contrasts.py": {"statistics"},
     "report.py": {"report"},
     "benchmark.py": {"benchmarks"},
     "inputs.py": set(),  # the inputs stage runs on every repro (always_changed); its outputs are what count

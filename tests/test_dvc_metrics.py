@@ -17,11 +17,19 @@ def _paths(entries):
         yield next(iter(entry)) if isinstance(entry, dict) else entry
 
 
+def _study(reference: str):
+    """The study list a dvc.yaml ``${study.<path>}`` names."""
+    value = STUDY
+    for key in reference.removeprefix("${study.").removesuffix("}").split("."):
+        value = value[key]
+    return value
+
+
 def _expand(path: str, stage: dict) -> list[str]:
     """Concrete paths of a (possibly generated) stage's path, for the study in params/default.yaml."""
     paths = [path.replace("${study.control}", STUDY["control"])]
     if "matrix" in stage:
-        groups, seeds = STUDY["groups"], STUDY["seeds"]
+        groups, seeds = _study(stage["matrix"]["group"]), _study(stage["matrix"]["seed"])
         paths = [
             p.replace("${item.group}", g).replace("${item.seed}", str(s)) for p in paths for g in groups for s in seeds
         ]

@@ -9,6 +9,7 @@ import pytest
 from kvlib import project_root
 from kvlib.config import ModelConfig, check_study, load_params
 from kvlib.distill import GroupConfig
+from kvlib.tuning import resolve_group
 
 PARAMS = sorted((project_root() / "params").glob("*.yaml"))
 
@@ -23,7 +24,14 @@ def test_models_and_groups_are_valid_configs(params):
         ModelConfig.from_params(teacher)
     student = ModelConfig.from_params(params["train"]["student"])
     assert student.train is not None
-    groups = {name: GroupConfig.from_params(g) for name, g in params["train"]["groups"].items()}
+    first = {
+        family: {"settings": params["train"]["groups"][names[0]]}
+        for family, names in params["tune"]["families"].items()
+    }
+    groups = {
+        name: GroupConfig.from_params(resolve_group(params["train"]["groups"], name, first))
+        for name in params["train"]["groups"]
+    }
     teachers = set(params["teacher"]["teachers"])
     assert all(set(g.teachers) <= teachers for g in groups.values())
 
@@ -32,22 +40,28 @@ def test_the_study_agrees_with_every_stage(params):
     check_study(params)
     study = params["study"]
     every = [study["control"], *study["groups"]]
-    assert sorted(params["train"]["groups"]) == sorted(every)
-    assert params["evaluate"]["groups"] == every and params["statistics"]["groups"] == every
-    assert params["evaluate"]["seeds"] == study["seeds"] and 0 in study["seeds"]
-    assert params["statistics"]["control"] == params["report"]["plan"]["control"] == study["control"] == "G0"
-    assert list(params["report"]["plan"]["groups"]) == every
-    assert params["report"]["plan"]["seeds"] == len(study["seeds"])
+    roles = [*every, *study["tuning"]["groups"], *study["secondary"]["groups"]]
+    assert sorted(params["train"]["groups"]) == sorted(roles)
+    assert params["evaluate"]["groups"] == every and params["evaluate"]["seeds"] == study["seeds"]
+    assert 0 in study["seeds"] and params["alignment"]["student_dir"] == f"artifacts/students/{study['control']}-0"
+    assert list(params["report"]["plan"]["groups"]) == every + study["secondary"]["groups"]
+    assert list(params["report"]["plan"]["contrasts"]) == list(params["statistics"]["primary"])
     assert params["alignment"]["teachers"] == study["teachers"] == list(params["teacher"]["teachers"])
-    assert params["train"]["groups"][study["control"]]["teachers"] == []
+    assert params["train"]["groups"][study["control"]] == {"tuned": "ce"}
 
 
-def test_the_negative_control_shuffles_the_single_teacher_group(params):
-    nc = params["report"]["plan"]["negative_control"]
-    groups = params["train"]["groups"]
-    assert groups[nc]["kv"]["shuffle_time"] is True
-    assert {k: v for k, v in groups[nc]["kv"].items() if k != "shuffle_time"} == groups["G1"]["kv"]
-    assert groups[nc]["teachers"] == groups["G1"]["teachers"]
+def test_the_matched_control_differs_from_its_arm_only_by_the_shuffle(params):
+    """P2's control X is S with the teacher KV shuffled in time: the same tuned settings, nothing else changed."""
+    groups, primary = params["train"]["groups"], params["statistics"]["primary"]
+    arm, control = primary["P2"]
+    assert groups[control] == {**groups[arm], "kv": {**groups[arm].get("kv", {}), "shuffle_time": True}}
+
+
+def test_curves_name_contrasts_of_the_statistics(params):
+    contrasts = set(params["statistics"]["primary"]) | set(params["statistics"].get("exploratory", {}))
+    for curve in params["report"]["plan"]["curves"].values():
+        assert set(curve["points"].values()) <= contrasts
+        assert all(float(x) > 0 for x in curve["points"])
 
 
 def test_the_notebooks_smoke_defaults_are_the_smoke_params_run_in_build_smoke():

@@ -375,7 +375,7 @@ def test_separate_clipping_gives_the_ce_step_whatever_the_kv_weight(setup, weigh
     aux = torch.autograd.grad(terms["loss"] - terms["ce"], params, retain_graph=True, allow_unused=True)
     aux_ref, aux_norm = clipped(aux, params, 0.1)
     assert min(ce_norm, aux_norm) > 0.1  # both parts are clipped, so the test sees the scaling
-    ce_sum = _separate_grads(Accelerator(cpu=True), terms, params, None, grad_accum=1)
+    ce_sum = _separate_grads(Accelerator(cpu=True), terms, d.term_weights(), params, None, grad_accum=1)
     norms = _clip_separately(Accelerator(cpu=True), params, ce_sum, 0.1)
     assert norms == pytest.approx((ce_norm, aux_norm), rel=1e-5)
     for p, c, a in zip(params, ce_ref, aux_ref):
