@@ -5,9 +5,9 @@ contrast compares its two groups on the seeds both have (row s of each used stud
 initialisation and data order), on the same test examples, so it is paired twice. Per contrast:
 
 - the headline, **with seed variance**: ``kvlib.stats.crossed_effect`` (seeds and examples both random:
-  a t interval with Satterthwaite df, and its test), whose standard error also gives the minimum
-  detectable effect at the planned power (``minimum_detectable_effect``, Bonferroni over the primary
-  contrasts: the worst case of Holm; exploratory contrasts at alpha);
+  a t interval with Satterthwaite df, and its test), whose standard error and df also give the minimum
+  detectable effect at the planned power (``minimum_detectable_effect`` with t quantiles, Bonferroni over
+  the primary contrasts: the worst case of Holm; exploratory contrasts at alpha);
 - the per-example view of the earlier analysis (seeds averaged per example first, so seeds are fixed):
   the paired BCa bootstrap CI and the sign-flip permutation test;
 - the two-stage (seeds, then examples) bootstrap, a conservative check of the headline CI;
@@ -108,7 +108,7 @@ def contrast(
         "df": head["df"],
         "p": head["p"],
         "method": head["method"],
-        "mde": minimum_detectable_effect(head["se"], alpha=alpha, power=power, tests=tests),
+        "mde": minimum_detectable_effect(head["se"], alpha=alpha, power=power, tests=tests, df=head["df"]),
         "per_example": {
             "ci_low": per_example["low"],
             "ci_high": per_example["high"],

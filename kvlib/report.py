@@ -9,9 +9,12 @@ Verdicts follow the plan mechanically (issue #13's design):
 
 - a **primary** contrast ``a - b`` says ``a > b`` or ``a < b`` only when the statistics stage's Holm decision
   rejects at the planned ``alpha`` (its seed-inclusive crossed random-effects test); otherwise "no difference
-  detected", with its 80%-power minimum detectable effect (MDE) and whether the 95% CI excludes effects larger than
-  the MDE (an informative null) or not (a null that cannot rule out an effect of that size);
+  detected", with its minimum detectable effect (MDE, at the statistics' power) and whether the CI excludes
+  effects larger than the MDE (an informative null) or not (a null that cannot rule out an effect of that size);
 - an **exploratory** contrast is judged by its uncorrected p < ``alpha`` and labelled so.
+
+The statistics stage's intervals have confidence ``1 - alpha`` (95% at the planned alpha = 0.05); the report
+names that level wherever it shows one.
 
 Figures are ``matplotlib.figure.Figure`` objects (no pyplot state), built from loaded dicts; ``build_figures``
 assembles all of them and ``save_figures`` writes them beside the report. Each group keeps one colour on every
@@ -34,10 +37,10 @@ from kvlib.files import save_figure
 PLAN_KEYS = ("question", "primary_metric", "alpha", "correction", "seeds", "tuning", "groups", "contrasts", "curves")
 PLAN_OPTIONAL = ("caveats",)
 STATISTICS_KEYS = ("n_examples", "alpha", "power", "accuracy", "primary", "exploratory", "accuracy_by_task")
-ROW_KEYS = ("a", "b", "accuracy_a", "accuracy_b", "diff", "ci_low", "ci_high", "p", "mde", "per_example")
+ROW_KEYS = ("a", "b", "seeds", "accuracy_a", "accuracy_b", "diff", "ci_low", "ci_high", "p", "mde", "per_example")
 PRIMARY_KEYS = ("p_holm", "reject")
 PER_EXAMPLE_KEYS = ("ci_low", "ci_high", "p")
-MDE_BOUND = 0.025  # a design whose every primary MDE is at most 2.5 points can call its nulls "no effect of note"
+MDE_BOUND = 0.025  # the report says whether every primary MDE is at most this (2.5 points): small enough to matter
 
 # each learning-curve term: (panel title, y-axis label, factor applied to the logged value)
 TERMS = {
@@ -60,20 +63,22 @@ FOREST_STYLE = {  # kind -> (colour, marker, legend label)
 # ---------------------------------------------------------------------------------------------------- inputs
 
 
+def _existing(path: str | Path, stage: str, kind: str = "file") -> Path:
+    """``path`` if it is an existing file (or folder), else ValueError naming it and the ``stage`` that writes it."""
+    path = Path(path)
+    if not (path.is_file() if kind == "file" else path.is_dir()):
+        raise ValueError(f"{path} does not exist; run the {stage} stage first (it writes it)")
+    return path
+
+
 def read_json(path: str | Path, stage: str):
     """The JSON file ``path``, or ValueError naming it and the ``stage`` that writes it."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path} does not exist; run the {stage} stage first (it writes it)")
-    return json.loads(path.read_text())
+    return json.loads(_existing(path, stage).read_text())
 
 
 def read_jsonl(path: str | Path, stage: str) -> list[dict]:
     """The rows of the JSON-lines file ``path``, or ValueError naming it and the ``stage`` that writes it."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path} does not exist; run the {stage} stage first (it writes it)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in _existing(path, stage).read_text().splitlines() if line.strip()]
 
 
 def load_statistics(path: str | Path) -> dict:
@@ -116,7 +121,8 @@ def check_plan(plan: dict, stats: dict) -> None:
 
 def load_teachers(root: str | Path) -> dict[str, dict]:
     """Teacher name -> its ``metrics.json``, for every folder under ``root`` (reports/teachers)."""
-    return {p.name: read_json(p / "metrics.json", "teacher") for p in sorted(Path(root).iterdir()) if p.is_dir()}
+    folders = sorted(_existing(root, "teacher", "folder").iterdir())
+    return {p.name: read_json(p / "metrics.json", "teacher") for p in folders if p.is_dir()}
 
 
 def load_curves(root: str | Path, accuracy: dict) -> dict[str, dict[str, list[dict]]]:
@@ -159,6 +165,10 @@ def _ci(low: float, high: float) -> str:
     return f"[{_pts(low)}, {_pts(high)}]"
 
 
+def _level(alpha: float) -> str:
+    return f"{100 * (1 - alpha):g}%"
+
+
 def _sd(x: float | None) -> str:
     return "—" if x is None else _pct(x)
 
@@ -169,7 +179,7 @@ def rejected(row: dict, alpha: float, primary: bool) -> bool:
 
 
 def bounded(row: dict) -> bool:
-    """Whether the seed-inclusive 95% CI excludes every effect larger than the MDE (in either direction)."""
+    """Whether the seed-inclusive CI excludes every effect larger than the MDE (in either direction)."""
     return -row["mde"] <= row["ci_low"] and row["ci_high"] <= row["mde"]
 
 
@@ -186,15 +196,20 @@ def answer_sentence(name: str, row: dict, description: str, alpha: float, correc
     a, b, mde = row["a"], row["b"], f"{100 * row['mde']:.1f}"
     text = (
         f"**{name}** ({description}): {a} {_pct(row['accuracy_a'])}% vs {b} {_pct(row['accuracy_b'])}%, "
-        f"{_pts(row['diff'])} points (95% CI {_ci(row['ci_low'], row['ci_high'])} with seeds and test problems "
-        f"random; Holm-adjusted p = {row['p_holm']:.3g})."
+        f"{_pts(row['diff'])} points ({_level(alpha)} CI {_ci(row['ci_low'], row['ci_high'])} with seeds and "
+        f"test problems random; Holm-adjusted p = {row['p_holm']:.3g})."
     )
     if row["reject"]:
         text += f" {a} is {'more' if row['diff'] > 0 else 'less'} accurate than {b} ({correction}, alpha = {alpha})."
+    elif bounded(row) and row["mde"] <= MDE_BOUND:
+        text += (
+            f" No difference detected, and an informative null: the CI excludes effects larger than the MDE ({mde} "
+            f"points), so there is no difference of {100 * MDE_BOUND:.1f} points or more in either direction."
+        )
     elif bounded(row):
         text += (
-            f" No difference detected; the CI excludes effects larger than the MDE ({mde} points), so any true "
-            f"difference is smaller than that."
+            f" No difference detected; the CI excludes effects larger than the MDE ({mde} points), but the MDE is "
+            f"above {100 * MDE_BOUND:.1f} points, so a difference of a few points is not ruled out."
         )
     else:
         text += (
@@ -203,7 +218,7 @@ def answer_sentence(name: str, row: dict, description: str, alpha: float, correc
         )
     seed_excludes = row["ci_low"] > 0 or row["ci_high"] < 0
     if seed_excludes and not row["reject"]:
-        text += f" The 95% CI excludes 0, but the difference does not survive {correction}."
+        text += f" The {_level(alpha)} CI excludes 0, but the difference does not survive {correction}."
     pe = row["per_example"]
     pe_excludes, pe_ci = pe["ci_low"] > 0 or pe["ci_high"] < 0, _ci(pe["ci_low"], pe["ci_high"])
     if pe_excludes and not seed_excludes:
@@ -230,18 +245,28 @@ def limits(plan: dict, stats: dict) -> list[str]:
         lines += [
             f"- Not every primary MDE is at most {100 * MDE_BOUND:.1f} points: "
             + ", ".join(f"{n} {100 * m:.1f}" for n, m in big.items())
-            + f" points (power {stats['power']}); a null there cannot rule out a difference of that size."
+            + f" points (power {stats['power']}): where such a contrast detects no difference, a true difference "
+            "of up to that size may have been missed."
         ]
     else:
         lines += [
             f"- Every primary MDE is at most {100 * MDE_BOUND:.1f} points (largest: {largest}, "
-            f"{100 * primary[largest]['mde']:.1f}): each would have detected a true difference of "
+            f"{100 * primary[largest]['mde']:.1f} points): each would have detected a true difference of "
             f"{100 * MDE_BOUND:.1f} points with power at least {stats['power']}."
         ]
-    clear = [f"{n} ({_pts(r['diff'])})" for n, r in stats["exploratory"].items() if r["ci_low"] > 0 or r["ci_high"] < 0]
+    clear = [
+        f"{n} ({_pts(r['diff'])} points, {r['a']} {'>' if r['diff'] > 0 else '<'} {r['b']})"
+        for n, r in stats["exploratory"].items()
+        if r["ci_low"] > 0 or r["ci_high"] < 0
+    ]
+    excludes = (
+        f"the {_level(alpha)} CI of {clear[0]} excludes 0."
+        if len(clear) == 1
+        else f"the {_level(alpha)} CIs of {', '.join(clear)} exclude 0."
+    )
     lines += [
         "- Exploratory (not corrected for multiple comparisons; leads for a next study, not findings): "
-        + (f"the 95% CIs of {', '.join(clear)} exclude 0." if clear else "no exploratory 95% CI excludes 0.")
+        + (excludes if clear else f"no exploratory {_level(alpha)} CI excludes 0.")
     ]
     return lines + [f"- {c}" for c in plan.get("caveats", [])]
 
@@ -310,7 +335,7 @@ def results_table(rows: dict, alpha: float, primary: bool) -> list[str]:
     """One row per contrast: accuracies, difference with both CIs, p values, MDE and verdict (points)."""
     holm = " p (Holm) |" if primary else ""
     lines = [
-        "| contrast | a - b | a % | b % | a - b, points [95% CI, seeds random] | per-example 95% CI | p | "
+        f"| contrast | a - b | a % | b % | a - b, points [{_level(alpha)} CI, seeds random] | per-example CI | p | "
         f"per-example p |{holm} MDE (points) | verdict |",
         "|---" * (10 + primary) + "|",
     ]
@@ -322,13 +347,24 @@ def results_table(rows: dict, alpha: float, primary: bool) -> list[str]:
             f"{_pts(r['diff'])} {_ci(r['ci_low'], r['ci_high'])} | {_ci(pe['ci_low'], pe['ci_high'])} | "
             f"{r['p']:.3g} | {pe['p']:.3g} |{holm} {100 * r['mde']:.1f} | {verdict(r, alpha, primary)} |"
         ]
+    single = [n for n, r in rows.items() if len(r["seeds"]) == 1]
+    if single:
+        lines += [
+            "",
+            f"{', '.join(single)}: one shared seed, so the CI and p cannot count seed variance (per-example interval).",
+        ]
     return lines
 
 
 def accuracy_section(accuracy: dict, by_task: dict, identical: dict) -> list[str]:
     """Each group's seeds, mean, seed sd next to the sd Bernoulli noise alone gives, accuracy by task."""
     seeds = sorted({s for a in accuracy.values() for s in a["seeds"]}, key=int)
-    lines = ["| group | mean % | seed sd | binomial sd | " + " | ".join(f"seed {s}" for s in seeds) + " |"]
+    lines = [
+        "Seed sd: the spread of the seeds' accuracies; binomial sd: what Bernoulli noise over the test problems "
+        "alone would give (a seed sd well above it is seed variance).",
+        "",
+    ]
+    lines += ["| group | mean % | seed sd | binomial sd | " + " | ".join(f"seed {s}" for s in seeds) + " |"]
     lines += ["|---" * (len(seeds) + 4) + "|"]
     for g, a in accuracy.items():
         per_seed = " | ".join(_pct(a["seeds"][s]) if s in a["seeds"] else "—" for s in seeds)
@@ -365,8 +401,8 @@ def render(
     lines += ["", "## 3. Results", "", "### 3.1 Primary contrasts", ""] + results_table(stats["primary"], alpha, True)
     lines += [
         "",
-        "The 95% CI and p count seed variance (crossed random-effects t interval); the per-example CI and p hold the "
-        "trained students fixed (seed-averaged paired BCa bootstrap, sign-flip permutation test).",
+        f"The {_level(alpha)} CI and p count seed variance (crossed random-effects t interval); the per-example CI "
+        "and p hold the trained students fixed (seed-averaged paired BCa bootstrap, sign-flip permutation test).",
     ]
     lines += ["", "### 3.2 The answer", ""]
     lines += [
@@ -464,9 +500,9 @@ def kv_scale_figure(curves: dict[str, dict[str, list[dict]]]) -> Figure:
     return fig
 
 
-def forest_figure(primary: dict, exploratory: dict) -> Figure:
-    """Every contrast's ``a - b`` with its seed-inclusive 95% CI, the first primary on top; primary and exploratory
-    ones in the colours and markers of ``FOREST_STYLE``, named in the legend."""
+def forest_figure(primary: dict, exploratory: dict, alpha: float) -> Figure:
+    """Every contrast's ``a - b`` with its seed-inclusive CI (level ``1 - alpha``), the first primary on top;
+    primary and exploratory ones in the colours and markers of ``FOREST_STYLE``, named in the legend."""
     rows = [("primary", n, r) for n, r in primary.items()] + [("exploratory", n, r) for n, r in exploratory.items()]
     rows = rows[::-1]
     fig = Figure(figsize=(7, 1.4 + 0.4 * len(rows)), layout="constrained")
@@ -480,14 +516,16 @@ def forest_figure(primary: dict, exploratory: dict) -> Figure:
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(range(len(rows)), [f"{n}: {r['a']} - {r['b']}" for _, n, r in rows])
     ax.set_ylim(-0.6, len(rows) - 0.4)
-    ax.set(xlabel="accuracy difference a - b (points)", title="contrasts with 95% CI (seeds and problems random)")
+    ax.set(
+        xlabel="accuracy difference a - b (points)", title=f"contrasts, {_level(alpha)} CI (seeds and problems random)"
+    )
     fig.legend(loc="outside lower center", ncol=2, fontsize=7)
     return fig
 
 
-def curve_figure(name: str, curve: dict, contrasts: dict) -> Figure:
+def curve_figure(name: str, curve: dict, contrasts: dict, alpha: float) -> Figure:
     """One ``report.plan.curves`` entry: x = its points' values (log axis if positive and spanning >= 10x), y = each
-    point's contrast difference with its seed-inclusive 95% CI, a zero line, each point named by its contrast.
+    point's contrast difference with its seed-inclusive CI (level ``1 - alpha``), a zero line, each point named.
 
     curve: ``{"x": axis label, "points": {x value as string: contrast name}}``; contrasts: name -> statistics row.
     """
@@ -508,7 +546,11 @@ def curve_figure(name: str, curve: dict, contrasts: dict) -> Figure:
         ax.set_xscale("log")
     ax.set_xticks(x, [f"{v:g}" for v in x])
     ax.minorticks_off()
-    ax.set(xlabel=curve["x"], ylabel="accuracy difference a - b (points)", title=f"{name}: 95% CI, seeds random")
+    ax.set(
+        xlabel=curve["x"],
+        ylabel="accuracy difference a - b (points)",
+        title=f"{name}: {_level(alpha)} CI, seeds random",
+    )
     return fig
 
 
@@ -549,9 +591,13 @@ def build_figures(plan: dict, stats: dict, curves: dict, routed_teachers: dict) 
     curves: as ``load_curves``; routed_teachers: routed group -> its teachers' names (its ``summary.json``).
     """
     contrasts = stats["primary"] | stats["exploratory"]
-    figs = {"forest": ("All contrasts, 95% CI", forest_figure(stats["primary"], stats["exploratory"]))}
+    alpha, level = stats["alpha"], _level(stats["alpha"])
+    figs = {"forest": (f"All contrasts, {level} CI", forest_figure(stats["primary"], stats["exploratory"], alpha))}
     for name, curve in plan["curves"].items():
-        figs[f"curve_{name}"] = (f"Curve {name}: difference vs {curve['x']}", curve_figure(name, curve, contrasts))
+        figs[f"curve_{name}"] = (
+            f"Curve {name}: difference vs {curve['x']}",
+            curve_figure(name, curve, contrasts, alpha),
+        )
     if logged(curves, ["kv_std.student_k", "kv_std.student_v"]):
         figs["kv_scale"] = ("K/V scale over training (student and target std)", kv_scale_figure(curves))
     if logged(curves, GRAD_TERMS):

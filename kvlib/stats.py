@@ -1,11 +1,10 @@
-"""The statistics of the study: does each experiment group differ from the control?
+"""The statistical methods of the study (``kvlib.contrasts`` applies them to the planned contrasts).
 
 Every student is evaluated on the same test split, one 0/1 ``correct`` per (group, seed, example).
-Comparisons are **paired by test example** (Dror et al. 2018, https://aclanthology.org/P18-1128/):
-a group's seeds are first averaged within each example (``per_example_accuracy``, (S, N) -> (N,)),
-then the per-example differences ``d = a - b`` to the control are resampled or sign-flipped. Seeds
-are therefore held fixed inside the paired CI and test; their spread is reported separately by
-``seed_summary`` (t-interval over per-seed accuracies).
+Comparisons are **paired by test example** (Dror et al. 2018, https://aclanthology.org/P18-1128/). The
+per-example methods first average a group's seeds within each example (``per_example_accuracy``, (S, N)
+-> (N,)), then resample or sign-flip the per-example differences ``d = a - b``; seeds are held fixed
+inside them.
 
 - ``paired_bootstrap_ci``: CI of ``mean(d)`` by resampling examples, BCa by default (Efron 1987,
   https://doi.org/10.1080/01621459.1987.10478410) through ``scipy.stats.bootstrap``. Resampling the
@@ -14,16 +13,25 @@ are therefore held fixed inside the paired CI and test; their spread is reported
   ``p = (k + 1) / (n + 1)``, ``k`` the flips with ``|mean| >= |observed|``; never 0 (Phipson & Smyth
   2010, https://arxiv.org/abs/1603.05766).
 - ``mcnemar_test``: exact McNemar test of two single runs (binomial test on the discordant pairs).
-- ``holm``: Holm-Bonferroni step-down adjusted p-values (Holm 1979), across the compared groups.
-- Effect sizes: Cohen's h for two proportions, and the paired ``d_z = mean(d) / std(d, ddof=1)`` with
-  a bootstrap CI (Lakens 2013, https://doi.org/10.3389/fpsyg.2013.00863).
+- ``holm``: Holm-Bonferroni step-down adjusted p-values (Holm 1979), across the primary contrasts.
+- ``cohens_h``: the effect size of two proportions.
 
 Seed variance. The intervals above treat the seeds as fixed, so they answer "do these trained students
 differ", not "does the method differ"; a seed's own accuracy offset is invisible in them and, when such
-offsets are large, they under-cover the true difference in expected accuracy. Three functions include it:
+offsets are large, they under-cover the true difference in expected accuracy. Four functions include it:
 
+- ``crossed_effect``: what the study uses for each contrast's CI, p-value and the se behind its MDE. The
+  two-way crossed random-effects estimate (seeds and examples random, seeds paired across the arms) of
+  ``Var(mean(a - b)) = s_seeds^2 / S + s_examples^2 / N + s_residual^2 / (S N)`` from the ANOVA mean
+  squares of ``d = a - b`` (unbiased; floored at the paired t-test over per-seed accuracy differences),
+  with a Satterthwaite t interval (Satterthwaite 1946, https://doi.org/10.2307/3002019). It counts each
+  component once, so its 95% interval covers ~0.95 whether Bernoulli noise or seed offsets dominate
+  (0.956 / 0.950 / 0.949 at 5 seeds, seed sd 2 points / 5 seeds, 8 points / 3 seeds, 8 points; 200
+  examples, 2 x 20000 simulated studies each) and rejects a true null at ~0.05 (0.044 / 0.049 at 5
+  seeds, 20000 studies). Closed form: no resampling and no seed argument.
 - ``hierarchical_bootstrap``: the two-way ("pigeonhole", Owen 2007, https://doi.org/10.1214/07-AOAS122)
-  bootstrap of the (S, N) seed x example arrays of two arms: each resample draws seeds with
+  bootstrap of the (S, N) seed x example arrays of two arms, kept as a conservative check and for arms
+  with unpaired seeds: each resample draws seeds with
   replacement (one draw for both arms when their seeds are paired, i.e. row s shares init and data
   order, independent draws otherwise), then examples with replacement (always one draw for both), and
   takes the difference of the means over the drawn cells. Percentile CI, bootstrap se, and the
@@ -31,13 +39,17 @@ offsets are large, they under-cover the true difference in expected accuracy. Th
   <= 0 (>= 0): the smallest 1 - confidence whose equal-tailed interval excludes 0, never 0. Its
   variance given the data is exactly seeds / S + examples / N + residual / (S N) of the two-way ANOVA
   split, so in expectation the seed x example residual (mostly each answer's Bernoulli noise) counts
-  about 3 times: the interval is conservative when that noise dominates the seed offsets (a 95% CI
-  covers ~99% at 5 seeds x 200 examples, seed sd 2 points), while with 5 seeds the seed part is a
-  plug-in variance with 4 df, so it under-covers when the seed offsets dominate (~95% at seed sd
-  8 points; the limit is P(|t_4| <= 1.96 (4/5)^0.5) = 0.85). tests/test_stats_hierarchical.py holds
-  the simulations and this arithmetic.
-- ``minimum_detectable_effect``: ``(z_{1 - alpha / (2 tests)} + z_power) se``, the smallest true difference
-  a two-sided z-test at the Bonferroni level (Holm's worst case) detects with the given power.
+  about 3 times: the interval is conservative when that noise dominates the seed offsets (at 5 seeds x
+  200 examples, seed sd 2 points, 2000 simulated studies: coverage 0.994, null rejection 0.007, mean se^2
+  2.3 times the true variance, so an MDE from it would be 1.5 times too large), while with 5 seeds the
+  seed part is a plug-in variance with 4 df, so it is about right only by cancellation when the seed
+  offsets dominate (seed sd 8 points: coverage 0.955, null rejection 0.041, se^2 1.3 times the truth;
+  the limit is P(|t_4| <= 1.96 (4/5)^0.5) = 0.85). tests/test_stats_hierarchical.py holds the
+  simulations and this arithmetic.
+- ``minimum_detectable_effect``: ``(q_{1 - alpha / (2 tests)} + q_power) se``, the smallest true difference
+  a two-sided test at the Bonferroni level (Holm's worst case) detects with the given power, with normal
+  quantiles or, given ``crossed_effect``'s df (about S - 1 when seed offsets dominate), t quantiles: at 4
+  df (2.78 + 0.94) se instead of 2.80 se for one test at 80% power.
 - ``seed_variance``: per-seed accuracy sd next to the sd item-level Bernoulli noise alone would give, so a
   report can say how much of the seed spread is more than coin flips.
 
@@ -45,10 +57,10 @@ Notable choices:
 
 - Differences that are all equal (up to ``_TOL``, e.g. a group identical to the control) give a
   degenerate CI ``low == high == diff`` with ``method == "degenerate"`` instead of a resampling error.
-- ``d_z`` is defined as 0 when ``std(d) <= _TOL`` (no spread, no standardised effect), both for the
-  point estimate and inside every bootstrap resample, so the CI never holds NaN or inf.
-- Everything is deterministic given ``seed``; ``compare_to_control`` uses the same seed for every
+- Everything is deterministic given ``seed``; ``kvlib.contrasts`` uses the same seed for every
   group, so a group's numbers do not depend on which other groups are compared.
+- ``crossed_effect`` of arms whose difference is constant gives ``low == high == diff``, se 0 and p 1
+  when diff is 0, else 0 (the t test's limit as the spread vanishes); nothing is NaN.
 - ``hierarchical_bootstrap`` draws its resamples in chunks of ``_BATCH`` as seed and example counts, so
   memory stays a few ``_BATCH x N`` arrays, never ``_BATCH x S x N``; arms whose statistic cannot move
   (paired: a - b constant; unpaired: each arm constant) give ``low == high == diff``, se 0 and the p of
@@ -130,15 +142,6 @@ def _bootstrap(d: np.ndarray, statistic, n_resamples: int, confidence: float, se
 
 def _mean(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return np.mean(x, axis=axis)
-
-
-def _dz(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Standardised mean ``mean / std(ddof=1)`` along axis; 0 where the std is <= _TOL."""
-    m = np.mean(x, axis=axis, keepdims=True)
-    n = x.shape[axis]
-    s = np.sqrt(np.sum((x - m) ** 2, axis=axis) / max(n - 1, 1))  # ddof=1; 0 for one value (jackknife at N = 2)
-    m = np.squeeze(m, axis=axis)
-    return np.where(s > _TOL, m / np.where(s > _TOL, s, 1.0), 0.0)
 
 
 def per_example_accuracy(correct) -> np.ndarray:
@@ -223,100 +226,11 @@ def holm(pvalues: dict[str, float], alpha: float = 0.05) -> dict[str, dict]:
     }
 
 
-def seed_summary(accuracies, confidence: float = 0.95) -> dict:
-    """Spread over seeds of accuracies (S,), one per seed, each in [0, 1].
-
-    Returns ``{"mean", "std", "min", "max", "n_seeds", "ci_low", "ci_high"}``: std with ddof=1 (0 for
-    one seed) and a Student-t interval ``mean +- t_{S-1} std / sqrt(S)`` (equal to the mean when S == 1).
-    """
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}; e.g. 0.95 for a 95% interval")
-    acc = _as_scores(accuracies, "accuracies")
-    if ((acc < 0) | (acc > 1)).any():
-        raise ValueError(f"accuracies must be fractions in [0, 1] (not percentages), got {acc.tolist()}")
-    S, mean = acc.size, float(acc.mean())
-    std = float(acc.std(ddof=1)) if S > 1 else 0.0
-    half = float(scipy.stats.t.ppf((1 + confidence) / 2, S - 1) * std / np.sqrt(S)) if S > 1 else 0.0
-    summary = {"mean": mean, "std": std, "min": float(acc.min()), "max": float(acc.max()), "n_seeds": S}
-    return summary | {"ci_low": mean - half, "ci_high": mean + half}
-
-
 def cohens_h(p1: float, p2: float) -> float:
     """Cohen's h effect size of two proportions: ``2 asin(sqrt(p1)) - 2 asin(sqrt(p2))``."""
     if not (0 <= p1 <= 1 and 0 <= p2 <= 1):
         raise ValueError(f"cohens_h needs proportions in [0, 1], got p1={p1}, p2={p2}")
     return float(2 * np.arcsin(np.sqrt(p1)) - 2 * np.arcsin(np.sqrt(p2)))
-
-
-def paired_effect(a, b, n_resamples: int = 10000, confidence: float = 0.95, seed: int = 0, method: str = "BCa") -> dict:
-    """Standardised paired effect ``d_z = mean(a - b) / std(a - b, ddof=1)`` with a bootstrap CI.
-
-    a, b: (N,) per-example scores on the same examples, N >= 2. Returns ``{"dz", "low", "high",
-    "method"}``; when the differences have no spread, d_z is 0 with the degenerate CI [0, 0].
-    """
-    _check_resampling(n_resamples, confidence, method)
-    d = _differences(a, b)
-    if d.size < 2:
-        raise ValueError(f"d_z needs at least 2 examples for a standard deviation, got {d.size}")
-    dz = float(_dz(d))
-    if np.ptp(d) <= _TOL:
-        return {"dz": dz, "low": dz, "high": dz, "method": "degenerate"}
-    low, high = _bootstrap(d, _dz, n_resamples, confidence, seed, method)
-    return {"dz": dz, "low": low, "high": high, "method": method}
-
-
-def compare_to_control(
-    groups: dict[str, np.ndarray], control: str, n_resamples: int = 10000, seed: int = 0, alpha: float = 0.05
-) -> dict[str, dict]:
-    """Every group against the control, paired by test example, with Holm correction across groups.
-
-    groups: name -> (S, N) 0/1 correctness, the same N examples in the same order everywhere (S may
-    differ by group). For each group but the control, in input order::
-
-        accuracy, control_accuracy  mean over seeds and examples
-        n_examples                  N
-        seeds                       seed_summary of the per-seed accuracies
-        diff, ci_low, ci_high, ci_method   paired_bootstrap_ci of per-example accuracies (95%, BCa)
-        p, p_adjusted, reject       paired_permutation_test p, Holm-adjusted across the compared groups
-        cohens_h                    of accuracy vs control_accuracy
-        dz, dz_low, dz_high         paired_effect (95%, BCa)
-    """
-    if control not in groups:
-        raise ValueError(f"control {control!r} is not among the groups {list(groups)}; name one of them")
-    if len(groups) < 2:
-        raise ValueError(f"compare_to_control needs a group besides the control {control!r}, got only {list(groups)}")
-    correct = {name: _as_correct(c, f"groups[{name!r}]") for name, c in groups.items()}
-    sizes = {name: c.shape[1] for name, c in correct.items()}
-    if len(set(sizes.values())) > 1:
-        raise ValueError(f"groups were evaluated on different numbers of examples {sizes}; use the same test split")
-    b = correct[control].mean(axis=0)  # (N,)
-    control_accuracy = float(b.mean())
-    out = {}
-    for name, c in correct.items():
-        if name == control:
-            continue
-        a = c.mean(axis=0)  # (N,)
-        ci = paired_bootstrap_ci(a, b, n_resamples=n_resamples, seed=seed)
-        effect = paired_effect(a, b, n_resamples=n_resamples, seed=seed)
-        out[name] = {
-            "accuracy": float(a.mean()),
-            "control_accuracy": control_accuracy,
-            "n_examples": a.size,
-            "seeds": seed_summary(c.mean(axis=1)),
-            "diff": ci["diff"],
-            "ci_low": ci["low"],
-            "ci_high": ci["high"],
-            "ci_method": ci["method"],
-            "p": paired_permutation_test(a, b, n_resamples=n_resamples, seed=seed),
-            "cohens_h": cohens_h(float(a.mean()), control_accuracy),
-            "dz": effect["dz"],
-            "dz_low": effect["low"],
-            "dz_high": effect["high"],
-        }
-    adjusted = holm({name: r["p"] for name, r in out.items()}, alpha=alpha)
-    for name, r in out.items():
-        r["p_adjusted"], r["reject"] = adjusted[name]["p_adjusted"], adjusted[name]["reject"]
-    return out
 
 
 def _mean_squares(d: np.ndarray) -> tuple[float, float, float]:
@@ -344,10 +258,11 @@ def crossed_effect(a, b, confidence: float = 0.95) -> dict:
     below the seed-level one, and is exactly it (df S - 1) when the floor binds. The negative seed
     component is not truncated: it comes from a mean square with only S - 1 df, so it is negative in half
     the studies where seed offsets are small next to Bernoulli noise, and the t quantile with few df
-    already pays for those low draws. Truncating it too (floor ``max(MS_examples, MS_residual) / (S N)``,
-    or ``MS_residual / (S N)``) gave 0.978 coverage of the 95% interval at 5 seeds x 200 examples, seed sd
-    2 points; switching to that floor's df instead gave 0.93 at 3 seeds, seed sd 8 points. This floor
-    gave 0.955 and 0.948 there (tests/test_stats_hierarchical.py). Only when every seed has the same
+    already pays for those low draws. Truncating it too (floor ``max(V, MS_residual / (S N))``, or every
+    negative component set to 0) gave 0.979 coverage of the 95% interval at 5 seeds x 200 examples, seed
+    sd 2 points (mean se^2 +19% over the true variance); also switching to the df of what is left gave
+    0.926 at 3 seeds, seed sd 8 points. This floor gave 0.956 and 0.949 there, mean se^2 +3% and +2%
+    (tests/test_stats_hierarchical.py, 20000 studies per number). Only when every seed has the same
     accuracy difference and ``MS_examples <= MS_residual`` is the floor 0 for non-constant d; then the
     residual-only ``MS_residual / (S N)`` is used, so se is 0 only for constant d.
 
@@ -428,6 +343,12 @@ def hierarchical_bootstrap(
     ``min(1, 2 (min(k_le, k_ge) + 1) / (n_resamples + 1))`` with k_le (k_ge) the resamples <= 0
     (>= 0). When no resample can differ from diff (paired: a - b constant; unpaired: a and b each
     constant) the interval is [diff, diff], se 0 and p the same formula with every resample at diff.
+
+    Conservative when item-level noise dominates: its variance counts the seed x example residual about
+    3 times (Owen 2007), so at 5 seeds x 200 examples, seed sd 2 points, the 95% interval covers 0.994
+    and a true null is rejected at 0.007, not 0.05; about right (0.955) at seed sd 8 points only because
+    that over-count offsets the 4-df seed part. For paired seeds, ``crossed_effect`` is the calibrated
+    interval the study uses; this one is the check that does not depend on the random-effects model.
     """
     if n_resamples < 2:
         raise ValueError(f"n_resamples must be >= 2 for a bootstrap sd, got {n_resamples}")
@@ -466,11 +387,16 @@ def hierarchical_bootstrap(
     return out | {"low": float(low), "high": float(high), "se": float(stats.std(ddof=1)), "p": p}
 
 
-def minimum_detectable_effect(se: float, alpha: float = 0.05, power: float = 0.8, tests: int = 1) -> float:
-    """Smallest true difference a two-sided z-test at level alpha / tests detects with the given power.
+def minimum_detectable_effect(
+    se: float, alpha: float = 0.05, power: float = 0.8, tests: int = 1, df: float | None = None
+) -> float:
+    """Smallest true difference a two-sided test at level alpha / tests detects with the given power.
 
-    ``(z_{1 - alpha / (2 tests)} + z_{power}) se``: Bonferroni over ``tests`` contrasts, the worst
-    case of Holm; the chance of rejecting on the wrong side is neglected. se in the units of the result.
+    ``(q_{1 - alpha / (2 tests)} + q_{power}) se`` with ``q`` the normal quantiles, or with ``df`` (e.g.
+    ``crossed_effect``'s Satterthwaite df) the t quantiles of that df, the usual approximation of the
+    noncentral t (with 5 seeds the df is about 4 when seed offsets dominate, and the t MDE is a third larger
+    than the normal one). Bonferroni over ``tests`` contrasts, the worst case of Holm; the chance of rejecting
+    on the wrong side is neglected. se in the units of the result.
     """
     if not (np.isfinite(se) and se >= 0):
         raise ValueError(f"se must be a finite standard error >= 0, got {se}")
@@ -480,7 +406,10 @@ def minimum_detectable_effect(se: float, alpha: float = 0.05, power: float = 0.8
         raise ValueError(f"power must be in (0, 1), got {power}; e.g. 0.8 for 80%")
     if not isinstance(tests, int | np.integer) or tests < 1:
         raise ValueError(f"tests must be an integer >= 1 (the number of contrasts corrected for), got {tests!r}")
-    return float((scipy.stats.norm.ppf(1 - alpha / (2 * tests)) + scipy.stats.norm.ppf(power)) * se)
+    if df is not None and not (np.isfinite(df) and df > 0):
+        raise ValueError(f"df must be a finite number of degrees of freedom > 0, got {df}")
+    q = scipy.stats.norm if df is None else scipy.stats.t(df)
+    return float((q.ppf(1 - alpha / (2 * tests)) + q.ppf(power)) * se)
 
 
 def seed_variance(correct) -> dict:

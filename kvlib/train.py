@@ -37,9 +37,12 @@ for CE only, ``kvlib.distill.Distiller`` with teachers). Notable choices:
   gradient norm before clipping and the share of steps it was clipped). A resume keeps the lines up to its
   checkpoint's step and drops a torn last line (no newline: the process was killed while appending it);
 - **clipping** (``clip``): ``joint`` clips the gradient of the total loss to ``max_grad_norm``, so a large
-  auxiliary term shrinks the CE step as well; ``separate`` clips the CE gradient and the gradient of the
-  other terms (KV, relation, entropy) each to ``max_grad_norm`` and adds them, so a run with a KV term takes
-  the same CE step as a CE-only run would from the same gradient (one extra backward pass of CE per
+  auxiliary term shrinks the CE step as well; ``separate`` clips the CE gradient to ``max_grad_norm`` and the
+  gradient of the other terms (KV, relation, entropy) to ``kv weight x max_grad_norm`` (1 x when the KV weight
+  is 0) and adds them, so a run
+  with a KV term takes the same CE step as a CE-only run would from the same gradient, and the KV step is
+  ``weight x clip(grad KV)``: the weight keeps its meaning (clipping the weighted gradient to ``max_grad_norm``
+  would make every weight whose gradient is clipped give the same step) (one extra backward pass of CE per
   micro-batch; under data parallelism the CE part is averaged over processes like the rest; not under FSDP,
   whose gradients are sharded).
 - **the final model** is saved to ``model.tmp`` and renamed to ``model``, so that a kill while it is
@@ -99,10 +102,11 @@ def _separate_grads(accelerator, terms: dict, weights: dict, params: list, ce_su
     return ce if ce_sum is None else [a + b for a, b in zip(ce_sum, ce)]
 
 
-def _clip_separately(accelerator, params: list, ce_sum: list, max_norm: float) -> tuple[float, float]:
-    """Clip the non-CE gradient in ``.grad`` and the CE gradient ``ce_sum`` each to ``max_norm``, add the CE part
-    to ``.grad``; returns both norms before clipping. The CE part is averaged over processes first."""
-    aux = float(accelerator.clip_grad_norm_(params, max_norm))
+def _clip_separately(accelerator, params: list, ce_sum: list, max_norm: float, aux_max_norm: float):
+    """Clip the CE gradient ``ce_sum`` to ``max_norm`` and the non-CE gradient in ``.grad`` to ``aux_max_norm``,
+    add the CE part to ``.grad``; returns both norms before clipping. The CE part is averaged over processes
+    first."""
+    aux = float(accelerator.clip_grad_norm_(params, aux_max_norm))
     flat = torch.cat([g.flatten() for g in ce_sum])
     if accelerator.num_processes > 1:
         flat = accelerator.reduce(flat, reduction="mean")
@@ -302,6 +306,7 @@ def train(
     student_params = [p for p in accelerator.unwrap_model(model).student.parameters() if p.requires_grad]
     weights = accelerator.unwrap_model(model).term_weights()
     separate = cfg.clip == "separate" and len(weights) > 1  # CE only: one term, nothing to separate
+    aux_max_norm = cfg.max_grad_norm * (weights.get("kv") or 1.0)  # the KV step: weight x clip(grad KV)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     checkpoint, metrics_path = out / "checkpoint", out / "metrics.jsonl"
@@ -367,9 +372,8 @@ def train(
                     accelerator.backward(terms["loss"])
                 if accelerator.sync_gradients:
                     if separate:
-                        step_norms = dict(
-                            zip(("ce", "aux"), _clip_separately(accelerator, trainable, ce_sum, cfg.max_grad_norm))
-                        )
+                        clipped = _clip_separately(accelerator, trainable, ce_sum, cfg.max_grad_norm, aux_max_norm)
+                        step_norms = dict(zip(("ce", "aux"), clipped))
                         ce_sum = None
                     else:
                         name = "ce" if cfg.clip == "separate" else ""  # CE only: its norm is the CE norm

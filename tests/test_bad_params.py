@@ -126,15 +126,15 @@ def _set(params: dict, path: str, value) -> dict:
         ("study.groups", ["S", "../G2"], r"study names \['../G2'\] must be letters, digits"),
         ("study.groups", ["S", "C-lr1"], r"groups \['C-lr1'\] play two roles in the study"),
         ("study.repeats", 2, r"study must have exactly the keys \['teachers', 'control', 'groups', 'seeds', 'tuning'"),
-        ("study.tuning", {"groups": ["C-lr1"], "seeds": [100]}, r"tune.families list \['C-lr1', 'C-lr2', 'C-lr4', 'S-lr1'"),
+        ("study.tuning", {"groups": ["C-lr1"], "seeds": [100]}, r"tune.families list \['C-lr1', 'C-lr2', 'C-lr4'"),
         ("study.tuning.seeds", [0, 100], r"tuning seeds \[0\] are also seeds of compared runs"),
-        ("study.secondary", {"groups": ["S-w3"]}, r"study.secondary must be a mapping with exactly the keys groups and"),
-        ("train.groups.C", {"tuned": "lr"}, r"train.groups.C is tuned by family 'lr', but tune.families has \['ce', 'kv'\]"),
+        ("study.secondary", {"groups": ["S-w3"]}, r"study.secondary must be a mapping with exactly the keys"),
+        ("train.groups.C", {"tuned": "lr"}, r"train.groups.C is tuned by family 'lr', but tune.families has \['ce'"),
         ("study.teachers", ["A"], r"train.groups.F.teachers names \['B'\], but study.teachers is \['A'\]"),
         ("alignment.teachers", ["A", "D"], r"alignment.teachers names \['D'\], but study.teachers is"),
         ("evaluate.seeds", [0, 1], r"evaluate.seeds is \[0, 1\] but the study makes it \[0, 1, 2, 3, 4\]"),
-        ("evaluate.secondary", {"groups": [], "seeds": []}, r"evaluate.secondary is \{'groups': \[\], 'seeds': \[\]\} but"),
-        ("statistics.primary.P1", ["S", "C-lr1"], r"statistics.primary contrasts \{'P1': \['S', 'C-lr1'\]\} must each name"),
+        ("evaluate.secondary", {"groups": [], "seeds": []}, r"evaluate.secondary is \{'groups': \[\], 'seeds'"),
+        ("statistics.primary.P1", ["S", "C-lr1"], r"statistics.primary contrasts \{'P1': \['S', 'C-lr1'\]\} must"),
         ("statistics.primary.P5", ["S", "S-w3"], r"statistics.primary has 5 contrasts; pre-register one to four"),
         ("report.plan.seeds", 2, r"report.plan.seeds is 2 but the study makes it 5"),
         ("evaluate", DELETE, r"the study needs evaluate.groups, but the params file has no 'evaluate'; add it"),
@@ -234,4 +234,5 @@ def test_the_executed_notebook_is_named_safely_after_the_set_values():
     notebook = notebook_for("data")
     assert executed_name(notebook, {"data_dir": "/x/y", "w": [0.5, 0.5]}) == "01_data-_x_y-_0.5__0.5_"
     assert executed_name(notebook_for("train"), {"group": "G1", "seed": 0}) == "05_train-G1-0"
-    assert executed_name(notebook_for("train"), {"group": "C-lr1", "seed": 100, "out_root": "a/b"}) == "05_train-C-lr1-100"
+    candidate = {"group": "C-lr1", "seed": 100, "out_root": "a/b"}  # an output path does not name it
+    assert executed_name(notebook_for("train"), candidate) == "05_train-C-lr1-100"

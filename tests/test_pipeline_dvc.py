@@ -21,7 +21,9 @@ WORKDIR = ROOT / "build" / "smoke"
 def test_every_stage_ran_and_left_its_executed_notebook(smoke):
     study = smoke["study"]
     runs = [f"{g}-{s}" for g in [study["control"], *study["groups"]] for s in study["seeds"]]
-    expected = ["01_data", "04_alignment", "06_evaluate", "07_statistics", "08_report", "09_benchmarks"]
+    for part in ("tuning", "secondary"):
+        runs += [f"{g}-{s}" for g in study[part]["groups"] for s in study[part]["seeds"]]
+    expected = ["01_data", "04_alignment", "05_tune", "06_evaluate", "07_statistics", "08_report", "09_benchmarks"]
     expected += [f"02_teacher-{t}" for t in study["teachers"]] + [f"03_teacher_kv-{t}" for t in study["teachers"]]
     expected += [f"05_train-{r}" for r in runs]
     executed = {p.stem for p in (WORKDIR / "reports" / "notebooks").glob("*.ipynb")}
@@ -30,17 +32,20 @@ def test_every_stage_ran_and_left_its_executed_notebook(smoke):
     assert (WORKDIR / "params" / "accelerate" / "multi_gpu.yaml").exists()  # what a `train.launch` may name
 
 
-def test_metrics_cover_every_group_and_seed(smoke):
+def test_metrics_cover_every_evaluated_group_and_seed_and_every_contrast(smoke):
     study = smoke["study"]
     accuracy = json.loads((WORKDIR / "reports" / "evaluation" / "accuracy.json").read_text())
-    assert {g: sorted(a) for g, a in accuracy.items()} == {
-        g: sorted(str(s) for s in study["seeds"]) for g in [study["control"], *study["groups"]]
-    }
+    runs = {g: sorted(str(s) for s in study["seeds"]) for g in [study["control"], *study["groups"]]}
+    runs |= {g: sorted(str(s) for s in study["secondary"]["seeds"]) for g in study["secondary"]["groups"]}
+    assert {g: sorted(a) for g, a in accuracy.items()} == runs  # the tuning candidates are never tested
     stats = json.loads((WORKDIR / "reports" / "statistics" / "statistics.json").read_text())
-    assert list(stats["groups"]) == study["groups"]
+    assert list(stats["primary"]) == list(smoke["statistics"]["primary"])
+    assert list(stats["exploratory"]) == list(smoke["statistics"]["exploratory"])
     assert stats["n_examples"] == smoke["data"]["sizes"]["test"]
     predictions = (WORKDIR / "reports" / "evaluation" / "predictions.jsonl").read_text().splitlines()
-    assert len(predictions) == len(accuracy) * len(study["seeds"]) * stats["n_examples"]
+    assert len(predictions) == sum(len(seeds) for seeds in runs.values()) * stats["n_examples"]
+    choices = json.loads((WORKDIR / "reports" / "tuning" / "choices.json").read_text())
+    assert {f: list(c["candidates"]) for f, c in choices.items()} == smoke["tune"]["families"]
 
 
 def test_benchmarks_report_every_ratio(smoke):

@@ -7,14 +7,11 @@ import scipy.stats
 
 from kvlib.stats import (
     cohens_h,
-    compare_to_control,
     holm,
     mcnemar_test,
     paired_bootstrap_ci,
-    paired_effect,
     paired_permutation_test,
     per_example_accuracy,
-    seed_summary,
 )
 
 R = 2000  # resamples in tests: enough for stable 95% intervals, fast
@@ -256,145 +253,11 @@ def test_holm_rejects_p_values_outside_0_1():
         holm({"g1": 0.01, "g2": 1.5})
 
 
-# seed_summary
+# cohens_h
 
 
-def test_seed_summary_golden_t_interval():
-    s = seed_summary(np.array([0.5, 0.6, 0.7]))
-    half = 4.302652729911275 * 0.1 / math.sqrt(3)  # t_{0.975, 2}
-    assert s["mean"] == pytest.approx(0.6) and s["std"] == pytest.approx(0.1)
-    assert (s["min"], s["max"], s["n_seeds"]) == (0.5, 0.7, 3)
-    assert s["ci_low"] == pytest.approx(0.6 - half) and s["ci_high"] == pytest.approx(0.6 + half)
-
-
-def test_seed_summary_of_one_seed_has_no_spread():
-    assert seed_summary([0.42]) == {
-        "mean": 0.42,
-        "std": 0.0,
-        "min": 0.42,
-        "max": 0.42,
-        "n_seeds": 1,
-        "ci_low": 0.42,
-        "ci_high": 0.42,
-    }
-
-
-def test_seed_summary_rejects_percentages():
-    with pytest.raises(ValueError, match=r"accuracies must be fractions in \[0, 1\] \(not percentages\)"):
-        seed_summary([55.0, 60.0])
-
-
-def test_seed_summary_rejects_no_seeds():
-    with pytest.raises(ValueError, match=r"accuracies must be a non-empty 1-d array"):
-        seed_summary([])
-
-
-def test_seed_summary_rejects_confidence_outside_0_1():
-    with pytest.raises(ValueError, match=r"confidence must be in \(0, 1\), got 1.0"):
-        seed_summary([0.5, 0.6], confidence=1.0)
-
-
-# effect sizes
-
-
-def test_cohens_h_golden_values():
-    assert cohens_h(0.5, 0.5) == 0.0
-    assert cohens_h(0.75, 0.25) == pytest.approx(math.pi / 3)  # 2 (pi/3) - 2 (pi/6)
-    assert cohens_h(1.0, 0.0) == pytest.approx(math.pi)
-    assert cohens_h(0.3, 0.6) == pytest.approx(-cohens_h(0.6, 0.3))
-
-
-def test_cohens_h_rejects_percentages():
-    with pytest.raises(ValueError, match=r"proportions in \[0, 1\], got p1=60, p2=0.5"):
-        cohens_h(60, 0.5)
-
-
-def test_paired_effect_golden_dz_and_its_ci_contains_it():
-    d = np.array([1.0, 0.0, 1.0, 1.0] * 10)  # mean 0.75
-    e = paired_effect(d, np.zeros_like(d), n_resamples=R)
-    assert e["dz"] == pytest.approx(0.75 / d.std(ddof=1))
-    assert e["low"] < e["dz"] < e["high"] and e["method"] == "BCa"
-
-
-def test_paired_effect_without_spread_is_zero_with_a_degenerate_ci():
-    a = bernoulli(0.5, 30, seed=15)
-    assert paired_effect(a, a, n_resamples=R) == {"dz": 0.0, "low": 0.0, "high": 0.0, "method": "degenerate"}
-    assert paired_effect(a + 0.5, a, n_resamples=R)["dz"] == 0.0
-
-
-def test_paired_effect_rejects_a_single_example():
-    with pytest.raises(ValueError, match="d_z needs at least 2 examples for a standard deviation, got 1"):
-        paired_effect([1], [0])
-
-
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # scipy warns before returning the NaN interval
-def test_paired_effect_rejects_an_undefined_bca_interval():
-    with pytest.raises(ValueError, match="the BCa interval is undefined for these 2 paired differences"):
-        paired_effect([1, 0], [0, 0], n_resamples=R)  # at N = 2 every jackknife d_z is 0
-    assert paired_effect([1, 0], [0, 0], n_resamples=R, method="percentile")["method"] == "percentile"
-
-
-# compare_to_control
-
-
-@pytest.fixture(scope="module")
-def study():
-    """Control at 40%, a null group at 40% and a group with a planted +20 points, on 300 shared examples."""
-    n = 300
-    groups = {
-        "G0": bernoulli(0.4, (3, n), seed=20),
-        "null": bernoulli(0.4, (2, n), seed=21),
-        "better": bernoulli(0.6, (4, n), seed=22),
-    }
-    return groups, compare_to_control(groups, "G0", n_resamples=R, seed=0)
-
-
-def test_compare_to_control_rejects_the_planted_effect_and_keeps_the_null(study):
-    groups, r = study
-    assert list(r) == ["null", "better"]
-    assert r["better"]["reject"] and r["better"]["ci_low"] > 0 and r["better"]["ci_low"] < 0.2 < r["better"]["ci_high"]
-    assert not r["null"]["reject"] and r["null"]["ci_low"] < 0 < r["null"]["ci_high"]
-    assert r["better"]["cohens_h"] > 0.3 and r["better"]["dz_low"] > 0
-
-
-def test_compare_to_control_numbers_agree_with_the_building_blocks(study):
-    groups, r = study
-    b = per_example_accuracy(groups["G0"])
-    for name in r:
-        a = per_example_accuracy(groups[name])
-        ci = paired_bootstrap_ci(a, b, n_resamples=R)
-        assert r[name]["accuracy"] == pytest.approx(groups[name].mean())
-        assert r[name]["control_accuracy"] == pytest.approx(groups["G0"].mean())
-        assert (r[name]["diff"], r[name]["ci_low"], r[name]["ci_high"]) == (ci["diff"], ci["low"], ci["high"])
-        assert r[name]["diff"] == pytest.approx(r[name]["accuracy"] - r[name]["control_accuracy"])
-        assert r[name]["p"] == paired_permutation_test(a, b, n_resamples=R)
-        assert r[name]["seeds"] == seed_summary(groups[name].mean(axis=1))
-        assert r[name]["n_examples"] == 300
-    assert {n: v["p_adjusted"] for n, v in r.items()} == {
-        n: v["p_adjusted"] for n, v in holm({n: v["p"] for n, v in r.items()}).items()
-    }
-
-
-def test_compare_to_control_is_deterministic_given_the_seed(study):
-    groups, r = study
-    assert compare_to_control(groups, "G0", n_resamples=R, seed=0) == r
-
-
-def test_compare_to_control_rejects_an_unknown_control():
-    with pytest.raises(ValueError, match=r"control 'G9' is not among the groups \['G0', 'G1'\]"):
-        compare_to_control({"G0": np.ones((1, 3)), "G1": np.ones((1, 3))}, "G9")
-
-
-def test_compare_to_control_rejects_the_control_alone():
-    with pytest.raises(ValueError, match="needs a group besides the control 'G0'"):
-        compare_to_control({"G0": np.ones((1, 3))}, "G0")
-
-
-def test_compare_to_control_rejects_different_test_splits():
-    with pytest.raises(ValueError, match=r"different numbers of examples \{'G0': 3, 'G1': 4\}"):
-        compare_to_control({"G0": np.ones((1, 3)), "G1": np.ones((2, 4))}, "G0")
-
-
-def test_compare_to_control_names_the_group_with_bad_correctness():
-    with pytest.raises(ValueError, match=r"groups\['G1'\] must hold 0/1 correctness, got values \[0.5\]"):
-        compare_to_control({"G0": np.ones((1, 3)), "G1": np.full((1, 3), 0.5)}, "G0")
+def test_cohens_h_golden_value_and_range_check():
+    assert cohens_h(0.5, 0.25) == pytest.approx(2 * np.arcsin(np.sqrt(0.5)) - 2 * np.arcsin(np.sqrt(0.25)))
+    assert cohens_h(0.3, 0.3) == 0.0
+    with pytest.raises(ValueError, match="cohens_h needs proportions in"):
+        cohens_h(30.0, 20.0)

@@ -336,18 +336,21 @@ def binomial_band(p: float) -> tuple[float, float]:
     return p - half, p + half
 
 
-# No allowance beyond the binomial band: at 20000 studies per case (Monte Carlo sd 0.0015) the coverage
-# was 0.955 (item noise dominates), 0.949 (seed offsets dominate) and 0.948 (3 seeds), so the t quantile
-# with Satterthwaite df is off by at most 0.006, a quarter of the band's half-width 0.021.
+# No allowance beyond the binomial band: at 2 x 20000 studies per case (Monte Carlo sd 0.0015 each) the
+# coverage was 0.955 / 0.957 (item noise dominates), 0.949 / 0.951 (seed offsets dominate) and 0.948 /
+# 0.950 (3 seeds), so the t quantile with Satterthwaite df is off by at most 0.007, a third of the band's
+# half-width 0.021.
 @pytest.mark.parametrize(
     "seed_sd, n_seeds",
     [(NOISE, 5), (SEEDS, 5), (SEEDS, 3)],
     ids=["item_noise_dominates", "seed_variance_dominates", "seed_variance_dominates_3_seeds"],
 )
 def test_crossed_ci_covers_the_true_difference_95_percent_of_the_time(crossed_studies, seed_sd, n_seeds):
-    # Measured on broken copies at 20000 studies: forgetting -MS_residual covers 0.992 (item noise);
-    # z instead of t covers 0.88 / 0.77 (seed offsets, 5 / 3 seeds); flooring at MS_residual / (S N), the
-    # seed component truncated too, 0.978 (item noise); that floor with its own df 0.93 (3 seeds).
+    # Measured on broken copies at 20000 studies: z instead of t covers 0.89 / 0.89 / 0.82; the floor
+    # max(V, MS_residual / (S N)), which also truncates the seed component, 0.979 with item noise; all
+    # negative components truncated, with the df of what is left, 0.926 at 3 seeds. Subtler slips (ddof=0
+    # for MS_seeds: 0.94 / 0.93 / 0.93) stay inside at R = 1000; the variance and hand-computed checks
+    # below catch those.
     low, high = binomial_band(0.95)
     covered = coverage(crossed_studies[seed_sd, 0.05, n_seeds], 0.05)
     assert low <= covered <= high, (covered, low, high)
@@ -364,7 +367,8 @@ def test_crossed_p_rejects_a_true_null_at_the_nominal_rate(crossed_studies, seed
 def test_crossed_p_has_the_power_of_the_paired_seed_t_test(crossed_studies):
     # Seed offsets dominate, no item effect on d: the crossed test is about the paired t-test on the 5
     # per-seed accuracy differences (exactly it when the floor binds), whose power is the noncentral t with
-    # 4 df and ncp delta / sd(diff). A z quantile would give 0.35 instead of 0.17.
+    # 4 df and ncp delta / sd(diff) = 1.19: 0.154 (measured 0.154 at 20000 studies). A z quantile would
+    # reject 0.30, ddof=0 for MS_seeds 0.20.
     var_w, var_e = components(0.05, SEEDS)
     ncp = 0.05 / np.sqrt(var_w / 5 + var_e / (5 * N))
     t = scipy.stats.t.ppf(0.975, 4)
@@ -375,11 +379,10 @@ def test_crossed_p_has_the_power_of_the_paired_seed_t_test(crossed_studies):
 
 
 def test_crossed_p_rejects_a_large_effect_every_time(crossed_studies):
-    # delta = 0.2 is 8.5 true sds from 0; missing it needs MS_seeds above 4 times its mean (chi^2_4 > 16
-    # with 4 df at the t_4 critical value 2.78: P ~ 0.003 per study), so 1000 of 1000 is the expected count
-    # up to a few; 0.99 leaves room for those and still fails a test with the wrong sign or a 10x se.
+    # delta = 0.2 is 8.6 true sds from 0: the noncentral t_4 misses the critical value 2.78 with
+    # probability 2.7e-5 per study, so 3 or more misses in 1000 studies have probability ~3e-6.
     results = crossed_studies[NOISE, 0.2, 5]
-    assert rejection_rate(results) >= 0.99
+    assert rejection_rate(results) >= 0.998
     assert all(r["low"] > 0 for r in results if r["p"] <= 0.05)
 
 
@@ -389,8 +392,8 @@ def test_crossed_variance_is_unbiased_for_the_variance_of_the_observed_differenc
     # MS_residual, 0) / (S N): that difference is about N(0, sigma_e^4 (2 / (N-1) + 2 / ((S-1)(N-1)))), so
     # the floor adds its sd / sqrt(2 pi) (+4% of the variance with item noise, +1% with seed offsets).
     # se^2 is dominated by MS_seeds (4 df, relative sd 0.71), so the mean over 1000 studies has a relative
-    # sd of 0.022 and a 4-sigma margin is 9%. ddof=0 for MS_seeds would move it by -19% / -20%, forgetting
-    # -MS_residual by +85% / +27%.
+    # sd of 0.022 and a 4-sigma margin is 9%. Measured on broken copies: ddof=0 for MS_seeds moves it by
+    # -19% / -20%, dropping -MS_residual (where the floor does not bind) by +40% / +13%.
     var_w, var_e = components(0.05, seed_sd)
     floor = var_e * np.sqrt(2 / (N - 1) + 2 / (4 * (N - 1))) / np.sqrt(2 * np.pi) / (5 * N)
     expected = var_w / 5 + var_e / (5 * N) + floor
@@ -425,8 +428,8 @@ def test_mean_squares_add_up_to_the_total_sum_of_squares():
 
 def test_crossed_variance_and_satterthwaite_df_match_the_hand_computation():
     # V = (7/3 + 1 - 1/3) / 12 = 1/4, se 1/2; without -MS_residual 5/18, ddof=0 for MS_seeds 5/27.
-    # df = (3)^2 / ((7/3)^2 / 2 + 1^2 / 3 + (1/3)^2 / 6) = 9 * 54 / 166 = 243/83 = 2.928 (4 without the
-    # residual term in the denominator: 486/... differs; 2 (S - 1) if df were not Satterthwaite's).
+    # df = 3^2 / ((7/3)^2 / 2 + 1^2 / 3 + (1/3)^2 / 6) = 9 * 54 / 166 = 243/83 = 2.928; without the
+    # residual term in the denominator 162/55 = 2.945, the seed df alone 2.
     r = crossed_effect(*arms(CROSSED_TABLE))
     assert r["diff"] == pytest.approx(1 / 6, rel=1e-14)
     assert r["se"] == pytest.approx(0.5, rel=1e-14)
@@ -440,9 +443,12 @@ def test_crossed_variance_and_satterthwaite_df_match_the_hand_computation():
 
 
 def test_crossed_floor_is_the_paired_t_test_over_seeds_when_examples_vary_less_than_the_residual():
-    # Column means all 2/3: MS_examples = 0 < MS_residual = 1/3, so V would be MS_seeds / (S N) - 1/36;
-    # the floor gives var(row means) / S and the t-test over the 3 per-seed differences (1/2, 1/2, 1).
-    d = np.array([[1, 1, 0, 0], [0, 0, 1, 1], [1, 1, 1, 1]], dtype=float)  # (S, N)
+    # Row means (0, 1/2, 1/2), column means all 1/3: MS_seeds = 1/3, MS_examples = 0, MS_residual = 2/3, so
+    # V = (1/3 + 0 - 2/3) / 12 = -1/36. The floor MS_seeds / (S N) = 1/36 = var(row means) / S is the
+    # t-test over the 3 per-seed differences, df 2; also truncating the seed component would give
+    # MS_residual / (S N) = 1/18 with 6 df.
+    d = np.array([[1, 0, 0, -1], [0, 1, 0, 1], [0, 0, 1, 1]], dtype=float)  # (S, N)
+    assert _mean_squares(d) == pytest.approx((1 / 3, 0.0, 2 / 3), abs=1e-15)
     r = crossed_effect(*arms(d))
     t = scipy.stats.ttest_1samp(d.mean(axis=1), 0.0)
     ci = t.confidence_interval(0.95)
@@ -519,6 +525,16 @@ def test_minimum_detectable_effect_golden_values():
     z = 2.497705  # z_{1 - 0.05 / (2 * 4)}
     assert minimum_detectable_effect(0.01, tests=4) == pytest.approx((z + 0.841621) * 0.01, abs=1e-6)
     assert minimum_detectable_effect(0.0) == 0.0
+
+
+def test_minimum_detectable_effect_with_df_uses_t_quantiles():
+    # t_{1 - 0.05 / 8, 4} = 4.314656, t_{0.8, 4} = 0.940965 (tables); the normal ones would give 3.339
+    assert minimum_detectable_effect(0.01, tests=4, df=4) == pytest.approx((4.314656 + 0.940965) * 0.01, abs=1e-6)
+    # the noncentral t at that shift crosses the critical value with the stated power (df 20: to 1e-3)
+    mde = minimum_detectable_effect(1.0, df=20)
+    assert scipy.stats.nct.sf(scipy.stats.t.ppf(0.975, 20), 20, mde) == pytest.approx(0.8, abs=1e-3)
+    with pytest.raises(ValueError, match="df must be a finite number of degrees of freedom > 0, got 0"):
+        minimum_detectable_effect(0.01, df=0)
 
 
 def test_minimum_detectable_effect_is_detected_with_the_stated_power():

@@ -363,9 +363,10 @@ def clipped(grads, params, max_norm):
 
 @pytest.mark.parametrize("weight", [5.0, 500.0])
 def test_separate_clipping_gives_the_ce_step_whatever_the_kv_weight(setup, weight):
-    """The applied gradient is clip(grad CE) + clip(grad of the rest), each to max_norm: the CE part does not
-    shrink when the KV term grows (under joint clipping it would, by the factor the KV norm sets). The same
-    float32 sums in another order: float32's default tolerances."""
+    """The applied gradient is clip(grad CE, c) + clip(grad of the weighted rest, weight c): the CE part does not
+    shrink when the KV term grows (under joint clipping it would, by the factor the KV norm sets), and the KV
+    part is weight x clip(grad KV, c), so the weight keeps its meaning. The same float32 sums in another
+    order: float32's default tolerances."""
     d, collate = distiller(setup, weight=weight)
     params = [p for p in d.parameters() if p.requires_grad]
     terms = d(collate(range(4)))
@@ -373,15 +374,17 @@ def test_separate_clipping_gives_the_ce_step_whatever_the_kv_weight(setup, weigh
         torch.autograd.grad(terms["ce"], params, retain_graph=True, allow_unused=True), params, 0.1
     )
     aux = torch.autograd.grad(terms["loss"] - terms["ce"], params, retain_graph=True, allow_unused=True)
-    aux_ref, aux_norm = clipped(aux, params, 0.1)
-    assert min(ce_norm, aux_norm) > 0.1  # both parts are clipped, so the test sees the scaling
+    aux_ref, aux_norm = clipped(aux, params, 0.1 * weight)
+    assert ce_norm > 0.1 and aux_norm > 0.1 * weight  # both parts are clipped, so the test sees the scaling
     ce_sum = _separate_grads(Accelerator(cpu=True), terms, d.term_weights(), params, None, grad_accum=1)
-    norms = _clip_separately(Accelerator(cpu=True), params, ce_sum, 0.1)
+    norms = _clip_separately(Accelerator(cpu=True), params, ce_sum, 0.1, 0.1 * weight)
     assert norms == pytest.approx((ce_norm, aux_norm), rel=1e-5)
     for p, c, a in zip(params, ce_ref, aux_ref):
         torch.testing.assert_close(p.grad, c + a)
     ce_part = torch.cat([(p.grad - a).flatten() for p, a in zip(params, aux_ref)])
     assert float(ce_part.norm()) == pytest.approx(0.1, rel=1e-4)  # the CE step has max_norm, not less
+    kv_part = torch.cat([a.flatten() for a in aux_ref])
+    assert float(kv_part.norm()) == pytest.approx(0.1 * weight, rel=1e-4)  # weight x max_norm: not all alike
 
 
 def test_training_logs_kv_scales_and_pre_clip_norms(setup, tmp_path):

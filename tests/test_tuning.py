@@ -80,7 +80,7 @@ def test_no_two_compared_groups_are_identical_whatever_the_tuning_chooses(name):
     for picks in itertools.product(*families.values()):
         choices = {f: {"settings": groups[c]} for f, c in zip(families, picks)}
         resolved = {g: resolve_group(groups, g, choices) for g in compared}
-        for g, settings in resolved.items():
+        for settings in resolved.values():
             GroupConfig.from_params(settings)
         for (g1, s1), (g2, s2) in itertools.combinations(resolved.items(), 2):
             assert s1 != s2, f"{name}: {g1} and {g2} both train with {s1} when the tuning picks {picks}"
