@@ -8,7 +8,6 @@ import json
 import pytest
 
 from kvlib.report import (
-    build_figures,
     check_plan,
     identical_groups,
     load_curves,
@@ -17,11 +16,9 @@ from kvlib.report import (
     read_json,
     read_jsonl,
     render,
-    routing_weights,
-    save_figures,
-    stage_figures,
     verdict,
 )
+from kvlib.report_figures import build_figures, routing_weights, save_figures, stage_figures
 
 PLAN = {
     "question": "Does KV distillation help?",

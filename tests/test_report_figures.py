@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from matplotlib.colors import to_rgba
 
-from kvlib.report import (
+from kvlib.report_figures import (
     FOREST_STYLE,
     GRAD_TERMS,
     TERMS,

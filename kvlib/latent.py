@@ -1,0 +1,360 @@
+"""The latent-reasoning student: continuous thoughts instead of a written chain of thought (CODI, KaVa).
+
+The student reads the question, then a begin-of-thought marker, and produces ``M`` continuous thoughts: the
+last hidden state of each step, mapped back to an input embedding by a small trainable projection
+(``ThoughtProjection``: Linear -> GELU -> Linear -> LayerNorm, the projection of CODI, Shen et al. 2025,
+https://arxiv.org/abs/2502.21074, which KaVa, Kuzina et al. 2025, https://arxiv.org/abs/2510.02312,
+builds on), is the next step's input embedding; an end-of-thought marker follows, then the answer is
+decoded. The two markers are trainable embedding vectors rather than new tokens, so any family's
+vocabulary and embedding matrix stay as they are. Two ways to compute the thoughts (``passes``):
+
+- ``0``: **sequential**, one forward pass per thought on the cache of everything before it;
+- ``P > 0``: **parallel (Jacobi) refinement** as KaVa does it (3 passes there): all M thoughts in one forward
+  pass, ``P`` times, thought ``i`` of pass ``p`` being the projection of the hidden state at position ``i - 1``
+  of pass ``p - 1`` (position -1: the begin marker); the first pass starts from M copies of the begin marker's
+  projection. Pass ``p`` gets thoughts ``1..p`` exactly as the sequential loop does, so ``P >= M`` passes
+  reproduce it (a test checks this).
+
+Prompts are left-padded so that every example's thoughts sit at the same positions; ``position_ids`` count
+real tokens only, as generation from left-padded prompts does. The cache of the prompt and the thoughts
+carries gradients, so the answer's CE reaches the projection through every thought.
+``LatentStudent.forward`` returns the answer CE, the hidden states before the answer (one per layer, for
+CODI's term) and the student's K and V at the thought positions (``(B, H, M, D)`` per layer, for the KV term
+against the teacher's chain of thought compressed to M slots); ``generate`` decodes greedily and counts the
+forward passes each answer took.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from kvlib.compress import crop_slots, gather_slots, kava_scores, select_slots
+from kvlib.data import SEGMENTS
+from kvlib.files import write_json
+from kvlib.hf import decoder_config, extract_kv_and_attention, kv_spec
+from kvlib.losses import kv_distance
+from kvlib.models import load_model
+from kvlib.rope import unrotate_keys
+from kvlib.text import encode_batch
+
+
+def latent_batch(tokenizer, examples: list) -> dict[str, Tensor]:
+    """A latent student's batch: the prompts left-padded (``prompt_ids``, ``prompt_mask``: ``<bos>`` + the
+    question, no ``<eos>``), the answers ``#### n`` + ``<eos>`` right-padded (``answer_ids``, ``answer_mask``),
+    and the whole text with its written chain of thought for teacher mode, right-padded (``input_ids``,
+    ``attention_mask``, ``segment_bounds`` (B, 4): the token cuts of prompt / reasoning / answer)."""
+    text = encode_batch(tokenizer, [e.text for e in examples], [e.spans for e in examples])
+    enc = encode_batch(tokenizer, [e.prompt for e in examples], add_eos=False, padding_side="left")
+    answers = tokenizer([f"#### {e.answer}" for e in examples], add_special_tokens=False)["input_ids"]
+    rows = [torch.tensor([*a, tokenizer.eos_token_id]) for a in answers]
+    answer_ids = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=tokenizer.pad_token_id)  # (B, Ta)
+    lengths = torch.tensor([len(r) for r in rows])
+    answer_mask = (torch.arange(answer_ids.shape[1]) < lengths[:, None]).long()  # (B, Ta)
+    return {
+        "prompt_ids": enc["input_ids"],
+        "prompt_mask": enc["attention_mask"],
+        "answer_ids": answer_ids,
+        "answer_mask": answer_mask,
+        "input_ids": text["input_ids"],
+        "attention_mask": text["attention_mask"],
+        "segment_bounds": text["segment_bounds"],
+    }
+
+
+class ThoughtProjection(nn.Module):
+    """(..., h) last hidden state -> (..., h) input embedding: Linear -> GELU -> Linear -> LayerNorm."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(hidden_size, hidden_size),
+            nn.GELU(),
+            nn.Linear(hidden_size, hidden_size),
+            nn.LayerNorm(hidden_size),
+        )
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.net(h)
+
+
+@dataclass
+class Thoughts:
+    """What ``LatentStudent.think`` leaves: the cache after the thoughts, the mask and next position, the M
+    thoughts' input embeddings and the hidden states that produced them (``inputs[:, i] = project(hidden[:, i])``;
+    hidden[:, 0] is the begin marker's), and the forward passes taken."""
+
+    cache: object
+    mask: Tensor  # (B, Tp + 1 + M) long: real prompt tokens, the begin marker and the thoughts
+    next_position: Tensor  # (B, 1) long: the position of the end marker
+    inputs: Tensor  # (B, M, h)
+    hidden: Tensor  # (B, M, h)
+    passes: int
+
+
+class LatentStudent(nn.Module):
+    """A causal LM that reasons in ``num_thoughts`` continuous thoughts (see the module docstring)."""
+
+    def __init__(self, model, num_thoughts: int, passes: int = 0):
+        super().__init__()
+        if num_thoughts < 1 or passes < 0:
+            raise ValueError(f"num_thoughts={num_thoughts} must be >= 1 and passes={passes} >= 0 (0: sequential)")
+        kv_spec(model.config)  # refuses a model without an attention KV cache
+        h = decoder_config(model.config).hidden_size
+        self.student, self.num_thoughts, self.passes = model, num_thoughts, passes
+        self.project = ThoughtProjection(h)
+        scale = model.get_input_embeddings().weight.detach().std().item()
+        self.bot = nn.Parameter(torch.randn(h) * scale)  # begin-of-thought marker, (h,)
+        self.eot = nn.Parameter(torch.randn(h) * scale)  # end-of-thought marker, (h,)
+        self._no_split_modules = getattr(model, "_no_split_modules", None)
+
+    def _step(self, embeds: Tensor, mask: Tensor, positions: Tensor, cache=None):
+        """One forward pass of ``embeds`` (B, t, h) at ``positions`` (B, t) after ``cache``; mask (B, cached + t)."""
+        return self.student(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            output_hidden_states=True,
+        )
+
+    def think(self, prompt_ids: Tensor, prompt_mask: Tensor) -> Thoughts:
+        """Read left-padded prompts (B, Tp) and the begin marker, then produce the M thoughts."""
+        if prompt_mask.shape != prompt_ids.shape or (prompt_mask[:, -1] == 0).any():
+            raise ValueError(
+                f"prompts must be left-padded (B, Tp) ids with a mask of the same shape whose last column is real, "
+                f"got ids {tuple(prompt_ids.shape)} and mask {tuple(prompt_mask.shape)}; encode them with "
+                "kvlib.text.encode_batch(..., add_eos=False, padding_side='left')"
+            )
+        B, M = prompt_ids.shape[0], self.num_thoughts
+        embeds = self.student.get_input_embeddings()(prompt_ids)  # (B, Tp, h)
+        embeds = torch.cat([embeds, self.bot.to(embeds.dtype).expand(B, 1, -1)], 1)  # (B, Tp + 1, h)
+        mask = torch.cat([prompt_mask, prompt_mask.new_ones(B, 1)], 1)  # (B, Tp + 1)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)  # (B, Tp + 1)
+        out = self._step(embeds, mask, positions)
+        h0, cache, last = out.hidden_states[-1][:, -1], out.cache, positions[:, -1:]  # (B, h), (B, 1)
+        if self.passes == 0:
+            hidden, inputs = [h0], []
+            for i in range(M):  # each thought needs the one before it: inherently sequential, as decoding is
+                inputs.append(self.project(hidden[-1]))  # (B, h)
+                mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
+                out = self._step(inputs[-1][:, None], mask, last + 1 + i, cache)
+                cache = out.cache
+                hidden.append(out.hidden_states[-1][:, -1])
+            return Thoughts(cache, mask, last + 1 + M, torch.stack(inputs, 1), torch.stack(hidden[:-1], 1), M + 1)
+        prompt_cache, thought_mask = cache, torch.cat([mask, mask.new_ones(B, M)], 1)  # (B, Tp + 1 + M)
+        thought_positions = last + 1 + torch.arange(M, device=last.device)  # (B, M)
+        hidden = h0[:, None].expand(B, M, -1)  # (B, M, h): pass 0's guess, every thought from the begin marker
+        for _ in range(self.passes):
+            used, inputs = hidden, self.project(hidden)  # (B, M, h) each
+            out = self._step(inputs, thought_mask, thought_positions, _copy_cache(prompt_cache))
+            hidden = torch.cat([h0[:, None], out.hidden_states[-1][:, :-1]], 1)  # (B, M, h): shifted by one
+        return Thoughts(out.cache, thought_mask, last + 1 + M, inputs, used, self.passes + 1)
+
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        """Loss terms on a latent batch (``latent_batch``): ``ce`` of the answer tokens after the thoughts and the
+        end marker, ``loss`` (= ce; the distillation terms are weighted by the caller), ``hidden`` the hidden
+        states before the first answer token (L + 1 of (B, h): embeddings, then each layer) and ``kv`` the
+        student's K and V at the thought positions (L pairs of (B, H, M, D), post-RoPE, at ``kv_positions``
+        (B, M))."""
+        t = self.think(batch["prompt_ids"], batch["prompt_mask"])
+        answer_ids, answer_mask = batch["answer_ids"], batch["answer_mask"]  # (B, Ta) right-padded
+        B, Ta = answer_ids.shape
+        embeds = self.student.get_input_embeddings()(answer_ids)  # (B, Ta, h)
+        embeds = torch.cat([self.eot.to(embeds.dtype).expand(B, 1, -1), embeds], 1)  # (B, 1 + Ta, h)
+        mask = torch.cat([t.mask, t.mask.new_ones(B, 1), answer_mask], 1)
+        positions = t.next_position + torch.arange(1 + Ta, device=answer_ids.device)  # (B, 1 + Ta)
+        out = self.student(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=t.cache,
+            use_cache=True,
+            output_hidden_states=True,
+        )
+        logits = out.logits[:, :-1]  # (B, Ta, V): the end marker predicts answer token 0, and so on
+        real = answer_mask.bool()
+        ce = F.cross_entropy(logits[real].float(), answer_ids[real])
+        thoughts = slice(t.mask.shape[1] - self.num_thoughts, t.mask.shape[1])  # their positions in the cache
+        kv = [(layer.keys[:, :, thoughts], layer.values[:, :, thoughts]) for layer in out.cache.layers]
+        positions = t.next_position - self.num_thoughts + torch.arange(self.num_thoughts)  # (B, M)
+        hidden = [h[:, 0] for h in out.hidden_states]
+        return {"ce": ce, "loss": ce, "hidden": hidden, "kv": kv, "kv_positions": positions}
+
+    def save_pretrained(self, directory, state_dict: dict | None = None) -> None:
+        """Save the model as Hugging Face does (``directory``) and the projection, markers and settings beside it
+        (``latent.safetensors``, ``latent.json``), so ``load_latent`` restores it; ``state_dict`` as
+        ``kvlib.train`` passes it (this module's parameters, e.g. gathered from several processes)."""
+        state = self.state_dict() if state_dict is None else state_dict
+        model = {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}
+        self.student.save_pretrained(directory, state_dict=model)
+        own = {k: v.contiguous() for k, v in state.items() if not k.startswith("student.")}
+        save_file(own, str(Path(directory) / "latent.safetensors"))
+        write_json(Path(directory) / "latent.json", {"num_thoughts": self.num_thoughts, "passes": self.passes})
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, max_new_tokens: int, eos_id: int):
+        """Greedy answers after the thoughts: ``(tokens (B, <= max_new_tokens), forward_passes (B,))``; an answer
+        stops at ``eos_id`` (kept in ``tokens``, then padded with it). Passes per answer: the prompt, the
+        thoughts (M sequential, or P Jacobi passes), the end marker and one per generated token but the last."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+        t = self.think(prompt_ids, prompt_mask)
+        B = prompt_ids.shape[0]
+        mask = torch.cat([t.mask, t.mask.new_ones(B, 1)], 1)
+        out = self._step(self.eot.to(t.inputs.dtype).expand(B, 1, -1), mask, t.next_position, t.cache)
+        passes = torch.full((B,), t.passes + 1)
+        done = torch.zeros(B, dtype=torch.bool)
+        tokens = []
+        for i in range(max_new_tokens):  # greedy decoding: one token per step
+            token = out.logits[:, -1].argmax(-1).masked_fill(done, eos_id)  # (B,)
+            tokens.append(token)
+            done |= token == eos_id
+            if done.all() or i == max_new_tokens - 1:
+                break
+            passes += ~done
+            mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
+            embeds = self.student.get_input_embeddings()(token[:, None])  # (B, 1, h)
+            out = self._step(embeds, mask, t.next_position + 1 + i, out.cache)
+        return torch.stack(tokens, 1), passes
+
+
+def load_latent(directory) -> LatentStudent:
+    """A ``LatentStudent`` saved by its ``save_pretrained`` (a training run's ``model/``)."""
+    directory = Path(directory)
+    if not (directory / "latent.json").is_file():
+        raise ValueError(f"{directory} holds no latent.json: it is not a latent student's model folder")
+    settings = json.loads((directory / "latent.json").read_text())
+    latent = LatentStudent(load_model(directory), settings["num_thoughts"], settings["passes"])
+    missing, unexpected = latent.load_state_dict(load_file(str(directory / "latent.safetensors")), strict=False)
+    if unexpected or any(not k.startswith("student.") for k in missing):
+        raise ValueError(f"{directory}/latent.safetensors does not fit: missing {missing}, unexpected {unexpected}")
+    return latent
+
+
+def _copy_cache(cache):
+    """A copy of a ``DynamicCache`` that can be extended without changing ``cache``: its layers' ``update``
+    concatenates into new tensors, so copying the layer objects is enough (each Jacobi pass starts from the
+    prompt's cache)."""
+    new = copy.copy(cache)
+    new.layers = [copy.copy(layer) for layer in cache.layers]
+    return new
+
+
+def cot_slots(model, batch: dict, budget: int, rule: str = "rkv", lam: float = 0.1) -> dict:
+    """A teacher's KV over the written chain of thought, compressed to ``budget`` slots per (layer, KV head).
+
+    ``model`` reads the whole text of a ``latent_batch`` (no gradient: these are targets). ``rkv``: each layer's
+    slots by KaVa's importance + redundancy score (``kvlib.compress.kava_scores``: importance from the answer
+    tokens' attention, redundancy from key similarity, ``lam``); ``crop``: the last ``budget`` reasoning tokens.
+    Slots stay in time order; keys are returned before RoPE (``kvlib.rope``), so that they compare with a
+    student's thoughts at other positions. Returns ``{"kv": L pairs of (B, H, M, D), "kept": (L, B, H, M) bool}``:
+    a chain shorter than ``budget`` tokens fills only its first slots.
+    """
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    ids, mask, bounds = batch["input_ids"], batch["attention_mask"], batch["segment_bounds"]
+    if bounds.shape[1] != len(SEGMENTS) + 1:
+        raise ValueError(f"segment_bounds must cut {SEGMENTS} ((B, 4)), got shape {tuple(bounds.shape)}")
+    with torch.no_grad():
+        kv, attn = extract_kv_and_attention(model, ids, mask)
+    T = ids.shape[1]
+    pos = torch.arange(T, device=ids.device)
+    cot = (pos >= bounds[:, 1:2]) & (pos < bounds[:, 2:3])  # (B, T): the reasoning tokens, the eligible keys
+    answer = (pos >= bounds[:, 2:3]) & (pos < bounds[:, 3:4])  # (B, T): the observers
+    positions = pos.expand(ids.shape[0], T)  # (B, T): right padding, so positions are the indices
+    slots, kept = [], []
+    for (k, v), a in zip(kv, attn):
+        if rule == "rkv":
+            where, keep = select_slots(kava_scores(a.float(), k, answer, cot, lam), cot, budget)  # (B, H, M) each
+        else:
+            where, keep = crop_slots(cot, budget, k.shape[1])
+        pre = unrotate_keys(k, positions, model.config)  # (B, H, T, D)
+        slots.append((gather_slots(pre, where), gather_slots(v, where)))
+        kept.append(keep)
+    return {"kv": slots, "kept": torch.stack(kept)}
+
+
+RULES = ("rkv", "crop")
+
+
+def teacher_mode(model, batch: dict) -> dict[str, Tensor]:
+    """The same network reading the written chain of thought: ``ce`` of every reasoning and answer token (the
+    self-distilled teacher is trained too) and ``hidden`` (L + 1 of (B, h)) at the last token before the answer,
+    the position whose hidden state CODI matches with the student's before-answer one."""
+    ids, mask, bounds = batch["input_ids"], batch["attention_mask"], batch["segment_bounds"]
+    out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    B, T = ids.shape
+    pos = torch.arange(1, T, device=ids.device)  # the positions of the predicted tokens
+    target = (pos >= bounds[:, 1:2]) & (pos < bounds[:, 3:4])  # (B, T - 1): reasoning and answer tokens
+    ce = F.cross_entropy(out.logits[:, :-1][target].float(), ids[:, 1:][target])
+    before = (bounds[:, 2] - 1).clamp(min=0)  # (B,) the last reasoning token
+    hidden = [h[torch.arange(B), before] for h in out.hidden_states]
+    return {"ce": ce, "hidden": hidden}
+
+
+def codi_loss(student_hidden: list[Tensor], teacher_hidden: list[Tensor]) -> Tensor:
+    """CODI's term: the L1 distance between the student's and the (detached) teacher's hidden states before the
+    answer, each layer divided by the teacher's std there, averaged over layers; L + 1 of (B, h) each."""
+    if len(student_hidden) != len(teacher_hidden):
+        raise ValueError(f"{len(student_hidden)} student hidden states but {len(teacher_hidden)} teacher ones")
+    terms = []
+    for s, t in zip(student_hidden, teacher_hidden):
+        t = t.detach().float()
+        terms.append((s.float() - t).abs().mean() / t.std().clamp(min=1e-6))
+    return torch.stack(terms).mean()
+
+
+def thought_kv_loss(student: dict, targets: dict, config, kind: str = "l1") -> Tensor:
+    """The KV term: the student's thought K and V (``LatentStudent.forward``'s ``kv``, keys un-rotated at their
+    ``kv_positions``) against the ``cot_slots`` targets, slot by slot in order, over the kept slots; each side
+    standardised by its own statistics per layer (``kvlib.losses.kv_distance``), so no scale can collapse."""
+    if len(student["kv"]) != len(targets["kv"]):
+        raise ValueError(f"student has {len(student['kv'])} layers, the targets {len(targets['kv'])}; map layers first")
+    per_layer = []
+    for (k, v), (kt, vt), keep in zip(student["kv"], targets["kv"], targets["kept"]):
+        k = unrotate_keys(k, student["kv_positions"], config)  # (B, H, M, D)
+        per_layer.append(kv_distance(k, kt, keep, kind, True) + kv_distance(v, vt, keep, kind, True))
+    return torch.stack(per_layer).mean()
+
+
+class LatentDistiller(nn.Module):
+    """KaVa's self-distillation: a ``LatentStudent`` and the same network in teacher mode, trained together.
+
+    ``forward(batch)`` (a ``latent_batch``) returns the terms ``kvlib.train.train`` logs and weighs: ``ce`` (the
+    answer after the thoughts), ``teacher_ce`` (teacher mode on the chain of thought and the answer), ``codi``
+    (``codi_loss``) and ``kv`` (``thought_kv_loss`` against ``cot_slots`` of the teacher mode, stop-gradient),
+    and ``loss``, their sum with ``weights`` (name -> weight; CE has weight 1).
+    """
+
+    def __init__(self, latent: LatentStudent, weights: dict[str, float], rule: str = "rkv", kind: str = "l1"):
+        super().__init__()
+        unknown = sorted(set(weights) - {"teacher_ce", "codi", "kv"})
+        if unknown or min(weights.values(), default=0) < 0:
+            raise ValueError(f"weights are >= 0 for teacher_ce, codi and kv; got {weights}")
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        self.student, self.weights, self.rule, self.kind = latent, dict(weights), rule, kind
+        self._no_split_modules = latent._no_split_modules
+
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        model = self.student.student
+        s = self.student(batch)
+        teacher = teacher_mode(model, batch)
+        terms = {"ce": s["ce"], "teacher_ce": teacher["ce"], "codi": codi_loss(s["hidden"], teacher["hidden"])}
+        if self.weights.get("kv", 0) > 0:
+            targets = cot_slots(model, batch, self.student.num_thoughts, self.rule)
+            terms["kv"] = thought_kv_loss(s, targets, model.config, self.kind)
+        terms["loss"] = terms["ce"] + sum(w * terms[n] for n, w in self.weights.items() if n in terms)
+        return terms
+
+    def term_weights(self) -> dict[str, float]:
+        return {"ce": 1.0} | self.weights

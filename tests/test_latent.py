@@ -1,0 +1,202 @@
+"""The latent student: the thought loop, its Jacobi form, gradients, the answer CE and the pass count."""
+
+import pytest
+import torch
+
+from kvlib.config import ModelShape
+from kvlib.data import generate
+from kvlib.latent import (
+    LatentDistiller,
+    LatentStudent,
+    codi_loss,
+    cot_slots,
+    latent_batch,
+    load_latent,
+    thought_kv_loss,
+)
+from kvlib.text import train_tokenizer
+
+EXAMPLES = generate(6, seed=0, max_operand=9)
+TOKENIZER = train_tokenizer("char", [e.text for e in EXAMPLES])
+FAMILIES = ["llama", "qwen2", "mistral", "gemma", "gpt2"]
+
+
+def student(family="llama", M=3, passes=0, seed=0):
+    model = ModelShape(family, 2, 4, 2 if family != "gpt2" else 4, 8, 32).build(len(TOKENIZER), seed=seed)
+    torch.manual_seed(seed)
+    return LatentStudent(model, M, passes).eval()
+
+
+def batch(n=3):
+    return latent_batch(TOKENIZER, EXAMPLES[:n])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_thought_is_the_projection_of_the_hidden_state_before_it(family):
+    """The embeddings fed at the thought positions are exactly project(last hidden state of the step before):
+    caught at the model's first decoder input, compared bit for bit."""
+    s = student(family)
+    fed = []
+    handle = s.student.register_forward_pre_hook(lambda m, args, kw: fed.append(kw["inputs_embeds"]), with_kwargs=True)
+    b = batch()
+    t = s.think(b["prompt_ids"], b["prompt_mask"])
+    handle.remove()
+    assert len(fed) == 1 + s.num_thoughts  # the prompt with the begin marker, then one pass per thought
+    for i in range(s.num_thoughts):
+        assert torch.equal(fed[1 + i][:, 0], t.inputs[:, i])
+        assert torch.equal(t.inputs[:, i], s.project(t.hidden[:, i]))
+    assert torch.equal(fed[0][:, -1], s.bot.expand(3, -1))
+
+
+def test_jacobi_passes_reach_the_sequential_thoughts_after_m_passes():
+    """Pass p fixes thoughts 1..p, so M passes give the sequential thoughts up to float32 reordering (the same
+    products summed over up to T keys in another order: ~T eps per layer, relative 1e-4 leaves headroom); M - 1
+    passes leave the last thought unconverged, far outside that tolerance."""
+    b, M = batch(), 4
+    sequential = student(M=M).think(b["prompt_ids"], b["prompt_mask"])
+    jacobi = student(M=M, passes=M).think(b["prompt_ids"], b["prompt_mask"])
+    torch.testing.assert_close(jacobi.inputs, sequential.inputs, rtol=1e-4, atol=1e-5)
+    early = student(M=M, passes=M - 1).think(b["prompt_ids"], b["prompt_mask"])
+    torch.testing.assert_close(early.inputs[:, : M - 1], sequential.inputs[:, : M - 1], rtol=1e-4, atol=1e-5)
+    assert (early.inputs[:, -1] - sequential.inputs[:, -1]).abs().max() > 1e-2
+    assert (sequential.passes, jacobi.passes) == (M + 1, M + 1)
+
+
+@pytest.mark.parametrize("passes", [0, 2])
+def test_the_answer_ce_reaches_the_projection_and_the_markers(passes):
+    s = student(passes=passes).train()
+    terms = s(batch())
+    terms["loss"].backward()
+    for name, p in [("bot", s.bot), ("eot", s.eot), *s.project.named_parameters()]:
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    L, (B, M) = s.student.config.num_hidden_layers, (3, s.num_thoughts)
+    assert len(terms["kv"]) == L and terms["kv"][0][0].shape == (B, 2, M, 8)
+    assert len(terms["hidden"]) == L + 1 and terms["hidden"][-1].shape == (B, 32)
+
+
+def test_the_answer_ce_is_the_teacher_forced_cross_entropy_of_the_answer_tokens():
+    """Reference: the same sequence fed as one forward pass of embeddings (prompt, begin marker, the thoughts,
+    end marker, answer), the CE of each answer token from the position before it."""
+    s = student()
+    b = batch(1)
+    t = s.think(b["prompt_ids"], b["prompt_mask"])
+    emb = s.student.get_input_embeddings()
+    seq = torch.cat(
+        [emb(b["prompt_ids"]), s.bot[None, None], t.inputs, s.eot[None, None], emb(b["answer_ids"])], 1
+    )  # (1, T, h)
+    logits = s.student(inputs_embeds=seq).logits[0]  # (T, V)
+    Ta = b["answer_ids"].shape[1]
+    expected = torch.nn.functional.cross_entropy(logits[-Ta - 1 : -1], b["answer_ids"][0])
+    torch.testing.assert_close(s(b)["ce"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_generation_counts_the_forward_passes_of_each_answer():
+    s = student(M=3)
+    b = batch(2)
+    tokens, passes = s.generate(b["prompt_ids"], b["prompt_mask"], max_new_tokens=5, eos_id=TOKENIZER.eos_token_id)
+    assert tokens.shape[0] == 2 and tokens.shape[1] <= 5
+    eos = TOKENIZER.eos_token_id
+    for row, n in zip(tokens.tolist(), passes.tolist()):
+        generated = row.index(eos) + 1 if eos in row else len(row)
+        assert n == 1 + 3 + 1 + (generated - 1)  # prompt, 3 thoughts, end marker, each further token
+
+
+def test_left_padding_is_required_and_bad_settings_are_refused():
+    b = batch()
+    s = student()
+    with pytest.raises(ValueError, match="prompts must be left-padded"):
+        s.think(b["prompt_ids"], b["prompt_mask"].flip(1))
+    with pytest.raises(ValueError, match="num_thoughts=0 must be >= 1"):
+        LatentStudent(s.student, 0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_an_example_thinks_the_same_alone_and_left_padded_in_a_batch(family):
+    """Padding is masked and positions count real tokens only, so a short prompt padded on the left gets the
+    thoughts it gets alone (float32: the masked keys drop out of the softmax; the same tolerance as above)."""
+    s = student(family)
+    b = batch(3)
+    lengths = b["prompt_mask"].sum(1)
+    assert lengths.min() < lengths.max()  # the batch really pads someone
+    together = s.think(b["prompt_ids"], b["prompt_mask"]).inputs
+    for i in range(3):
+        alone = latent_batch(TOKENIZER, EXAMPLES[i : i + 1])
+        single = s.think(alone["prompt_ids"], alone["prompt_mask"]).inputs
+        torch.testing.assert_close(together[i : i + 1], single, rtol=1e-4, atol=1e-5)
+
+
+# the teacher side and the losses
+
+
+def test_cot_slots_are_reasoning_tokens_in_time_order_with_pre_rope_keys():
+    from kvlib.hf import extract_kv
+    from kvlib.rope import unrotate_keys
+
+    s, b, M = student(), batch(3), 4
+    model = s.student
+    for rule in ("rkv", "crop"):
+        out = cot_slots(model, b, M, rule)
+        assert len(out["kv"]) == 2 and out["kv"][0][0].shape == (3, 2, M, 8) and not out["kv"][0][0].requires_grad
+        assert out["kept"].all()  # every chain here is longer than M tokens
+    kv = extract_kv(model, b["input_ids"], b["attention_mask"])
+    T = b["input_ids"].shape[1]
+    pre = unrotate_keys(kv[1][0], torch.arange(T), model.config)  # (B, H, T, D)
+    crop = cot_slots(model, b, M, "crop")
+    end = b["segment_bounds"][:, 2]  # (B,) first answer token
+    for i in range(3):  # crop keeps the last M reasoning tokens, in order
+        torch.testing.assert_close(crop["kv"][1][0][i], pre[i, :, end[i] - M : end[i]])
+    rkv = cot_slots(model, b, M, "rkv")["kv"][1][0]  # (B, H, M, D): each slot is some reasoning token's key
+    for i in range(3):
+        start = int(b["segment_bounds"][i, 1])
+        d = (rkv[i][:, :, None] - pre[i][:, None, start : end[i]]).abs().amax(-1)  # (H, M, reasoning)
+        found = d.argmin(-1)  # (H, M) the reasoning token each slot holds
+        assert (d.amin(-1) < 1e-5).all() and (found.diff(dim=-1) > 0).all()  # exactly a key; in time order
+
+
+def test_codi_loss_closed_form():
+    t = [torch.tensor([[0.0, 2.0], [2.0, 0.0]])]  # std (ddof 1) over the 4 values: sqrt(4/3)
+    s = [torch.tensor([[1.0, 2.0], [2.0, 1.0]])]  # |s - t| = 1, 0, 0, 1: mean 0.5
+    assert codi_loss(s, t).item() == pytest.approx(0.5 / (4 / 3) ** 0.5)
+    grad_t = t[0].clone().requires_grad_(True)
+    codi_loss([s[0].clone().requires_grad_(True)], [grad_t]).backward()
+    assert grad_t.grad is None  # the teacher side is a target
+
+
+def test_thought_kv_loss_is_zero_on_its_own_targets_and_scale_free():
+    s, b = student(), batch(2)
+    out = s(b)
+    from kvlib.rope import unrotate_keys
+
+    pre = [(unrotate_keys(k, out["kv_positions"], s.student.config), v) for k, v in out["kv"]]
+    kept = torch.ones(len(pre), 2, 2, s.num_thoughts, dtype=torch.bool)
+    assert thought_kv_loss(out, {"kv": pre, "kept": kept}, s.student.config).item() == pytest.approx(0, abs=1e-5)
+    scaled = {"kv": [(3 * k, 0.1 * v) for k, v in pre], "kept": kept}
+    assert thought_kv_loss(out, scaled, s.student.config).item() == pytest.approx(0, abs=1e-5)
+
+
+def test_self_distillation_trains_every_term_with_the_loop(tmp_path):
+    import json
+
+    from kvlib.config import TrainConfig
+    from kvlib.train import train
+
+    latent = LatentStudent(ModelShape("llama", 2, 4, 2, 8, 32).build(len(TOKENIZER), seed=0), 3)
+    distiller = LatentDistiller(latent, {"teacher_ce": 1.0, "codi": 1.0, "kv": 1.0})
+    cfg = TrainConfig(steps=2, batch_size=3, warmup_steps=1, log_every=1, save_every=2, share_every=1)
+    train(distiller, lambda idx: latent_batch(TOKENIZER, [EXAMPLES[i] for i in idx]), 6, cfg, tmp_path, progress=False)
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"ce", "teacher_ce", "codi", "kv", "loss"} <= set(row)
+    assert load_latent(tmp_path / "model").num_thoughts == 3
+    assert set(row["grad_share"]) == {"ce", "teacher_ce", "codi", "kv"} and min(row["grad_share"].values()) > 0
+
+
+def test_a_saved_latent_student_loads_back_and_thinks_the_same(tmp_path):
+    s, b = student(M=2), batch(2)
+    s.save_pretrained(tmp_path / "model")
+    back = load_latent(tmp_path / "model").eval()
+    assert (back.num_thoughts, back.passes) == (2, 0)
+    assert torch.equal(
+        back.think(b["prompt_ids"], b["prompt_mask"]).inputs, s.think(b["prompt_ids"], b["prompt_mask"]).inputs
+    )
+    with pytest.raises(ValueError, match="holds no latent.json"):
+        load_latent(tmp_path)
