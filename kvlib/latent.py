@@ -37,20 +37,22 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from kvlib.compress import crop_slots, gather_slots, kava_scores, select_slots
-from kvlib.data import SEGMENTS
+from kvlib.data import SEGMENTS, TASKS
 from kvlib.files import write_json
 from kvlib.hf import decoder_config, extract_kv_and_attention, kv_spec
 from kvlib.losses import kv_distance
 from kvlib.models import load_model
+from kvlib.projectors import KVProjector
 from kvlib.rope import unrotate_keys
 from kvlib.text import encode_batch
 
 
-def latent_batch(tokenizer, examples: list) -> dict[str, Tensor]:
+def latent_batch(tokenizer, examples: list, teacher_tokenizers: tuple = ()) -> dict:
     """A latent student's batch: the prompts left-padded (``prompt_ids``, ``prompt_mask``: ``<bos>`` + the
     question, no ``<eos>``), the answers ``#### n`` + ``<eos>`` right-padded (``answer_ids``, ``answer_mask``),
     and the whole text with its written chain of thought for teacher mode, right-padded (``input_ids``,
-    ``attention_mask``, ``segment_bounds`` (B, 4): the token cuts of prompt / reasoning / answer)."""
+    ``attention_mask``, ``segment_bounds`` (B, 4): the token cuts of prompt / reasoning / answer), ``task_ids``,
+    and ``teachers``: the same text encoded by each teacher's own tokenizer (for teachers of other families)."""
     text = encode_batch(tokenizer, [e.text for e in examples], [e.spans for e in examples])
     enc = encode_batch(tokenizer, [e.prompt for e in examples], add_eos=False, padding_side="left")
     answers = tokenizer([f"#### {e.answer}" for e in examples], add_special_tokens=False)["input_ids"]
@@ -66,6 +68,10 @@ def latent_batch(tokenizer, examples: list) -> dict[str, Tensor]:
         "input_ids": text["input_ids"],
         "attention_mask": text["attention_mask"],
         "segment_bounds": text["segment_bounds"],
+        "task_ids": torch.tensor([TASKS.index(e.task) for e in examples]),
+        "teachers": [
+            encode_batch(t, [e.text for e in examples], [e.spans for e in examples]) for t in teacher_tokenizers
+        ],
     }
 
 
@@ -187,7 +193,7 @@ class LatentStudent(nn.Module):
         kv = [(layer.keys[:, :, thoughts], layer.values[:, :, thoughts]) for layer in out.cache.layers]
         positions = t.next_position - self.num_thoughts + torch.arange(self.num_thoughts)  # (B, M)
         hidden = [h[:, 0] for h in out.hidden_states]
-        return {"ce": ce, "loss": ce, "hidden": hidden, "kv": kv, "kv_positions": positions}
+        return {"ce": ce, "loss": ce, "hidden": hidden, "kv": kv, "kv_positions": positions, "thought_hidden": t.hidden}
 
     def save_pretrained(self, directory, state_dict: dict | None = None) -> None:
         """Save the model as Hugging Face does (``directory``) and the projection, markers and settings beside it
@@ -249,15 +255,18 @@ def _copy_cache(cache):
     return new
 
 
-def cot_slots(model, batch: dict, budget: int, rule: str = "rkv", lam: float = 0.1) -> dict:
+def cot_slots(model, batch: dict, budget: int, rule: str = "rkv", lam: float = 0.1, shared: bool = False) -> dict:
     """A teacher's KV over the written chain of thought, compressed to ``budget`` slots per (layer, KV head).
 
     ``model`` reads the whole text of a ``latent_batch`` (no gradient: these are targets). ``rkv``: each layer's
     slots by KaVa's importance + redundancy score (``kvlib.compress.kava_scores``: importance from the answer
     tokens' attention, redundancy from key similarity, ``lam``); ``crop``: the last ``budget`` reasoning tokens.
     Slots stay in time order; keys are returned before RoPE (``kvlib.rope``), so that they compare with a
-    student's thoughts at other positions. Returns ``{"kv": L pairs of (B, H, M, D), "kept": (L, B, H, M) bool}``:
-    a chain shorter than ``budget`` tokens fills only its first slots.
+    student's thoughts at other positions. Returns ``{"kv": L pairs of (B, H, M, D), "kept": (L, B, H, M) bool,
+    "positions": (L, B, H, M)}`` (the token each slot holds):
+    a chain shorter than ``budget`` tokens fills only its first slots. ``shared``: one selection for every layer
+    and head (the scores averaged over them), so that slot j is one teacher token everywhere, as a teacher of
+    another family needs (its layers and heads are mixed into the student's).
     """
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
@@ -271,16 +280,22 @@ def cot_slots(model, batch: dict, budget: int, rule: str = "rkv", lam: float = 0
     cot = (pos >= bounds[:, 1:2]) & (pos < bounds[:, 2:3])  # (B, T): the reasoning tokens, the eligible keys
     answer = (pos >= bounds[:, 2:3]) & (pos < bounds[:, 3:4])  # (B, T): the observers
     positions = pos.expand(ids.shape[0], T)  # (B, T): right padding, so positions are the indices
-    slots, kept = [], []
-    for (k, v), a in zip(kv, attn):
-        if rule == "rkv":
-            where, keep = select_slots(kava_scores(a.float(), k, answer, cot, lam), cot, budget)  # (B, H, M) each
-        else:
-            where, keep = crop_slots(cot, budget, k.shape[1])
+    H = kv[0][0].shape[1]
+    if rule == "rkv":
+        scores = torch.stack(
+            [kava_scores(a.float(), k, answer, cot, lam) for (k, _), a in zip(kv, attn)]
+        )  # (L, B, H, T)
+        if shared:
+            scores = scores.mean((0, 2), keepdim=True).expand_as(scores)  # (L, B, H, T): one score per token
+        chosen = [select_slots(layer_scores, cot, budget) for layer_scores in scores]  # L of (B, H, M) pairs
+    else:
+        chosen = [crop_slots(cot, budget, H)] * len(kv)
+    slots = []
+    for (k, v), (where, _) in zip(kv, chosen):
         pre = unrotate_keys(k, positions, model.config)  # (B, H, T, D)
         slots.append((gather_slots(pre, where), gather_slots(v, where)))
-        kept.append(keep)
-    return {"kv": slots, "kept": torch.stack(kept)}
+    where, kept = (torch.stack(x) for x in zip(*chosen))  # (L, B, H, M) each
+    return {"kv": slots, "kept": kept, "positions": where}
 
 
 RULES = ("rkv", "crop")
@@ -326,24 +341,111 @@ def thought_kv_loss(student: dict, targets: dict, config, kind: str = "l1") -> T
     return torch.stack(per_layer).mean()
 
 
+class SlotAligner(nn.Module):
+    """A teacher's M chain-of-thought slots (``cot_slots(..., shared=True)``: Lt pairs of (B, Ht, M, Dt)) ->
+    student-shaped targets (Ls pairs of (B, Hs, M, Ds)): the layer map's mix of teacher layers, then one
+    ``KVProjector`` per student layer (head mixing, head-dim map). The time axis needs no alignment: slot j
+    supervises thought j, one to one and in order."""
+
+    def __init__(self, spec_t, spec_s, lmap, projector: str = "linear"):
+        super().__init__()
+        if (lmap.num_teacher_layers, lmap.num_student_layers) != (spec_t.num_layers, spec_s.num_layers):
+            raise ValueError(
+                f"layer map goes from {lmap.num_teacher_layers} to {lmap.num_student_layers} layers but the teacher "
+                f"has {spec_t.num_layers} and the student {spec_s.num_layers}"
+            )
+        self.register_buffer("layer_weights", lmap.matrix(), persistent=False)  # (Ls, Lt)
+        self.projectors = nn.ModuleList(
+            KVProjector(spec_t.num_kv_heads, spec_s.num_kv_heads, spec_t.head_dim, spec_s.head_dim, projector)
+            for _ in range(spec_s.num_layers)
+        )
+
+    def forward(self, slots: dict) -> tuple[list, Tensor]:
+        """``(targets, kept)``: Ls pairs of (B, Hs, M, Ds) and the (B, M) slots that hold a teacher token."""
+        keys = torch.stack([k.float() for k, _ in slots["kv"]])  # (Lt, B, Ht, M, Dt)
+        values = torch.stack([v.float() for _, v in slots["kv"]])
+        keys = torch.einsum("sl,lbhmd->sbhmd", self.layer_weights, keys)  # (Ls, B, Ht, M, Dt)
+        values = torch.einsum("sl,lbhmd->sbhmd", self.layer_weights, values)
+        kept = slots["kept"].all(0).all(1)  # (B, M): shared slots are kept (or not) in every layer and head
+        return [proj(k, v) for proj, k, v in zip(self.projectors, keys, values)], kept
+
+
 class LatentDistiller(nn.Module):
-    """KaVa's self-distillation: a ``LatentStudent`` and the same network in teacher mode, trained together.
+    """KaVa's training of a ``LatentStudent``: with its own teacher mode (self-distillation, as KaVa), or with
+    teachers of other families, fused when there are several.
 
     ``forward(batch)`` (a ``latent_batch``) returns the terms ``kvlib.train.train`` logs and weighs: ``ce`` (the
-    answer after the thoughts), ``teacher_ce`` (teacher mode on the chain of thought and the answer), ``codi``
-    (``codi_loss``) and ``kv`` (``thought_kv_loss`` against ``cot_slots`` of the teacher mode, stop-gradient),
-    and ``loss``, their sum with ``weights`` (name -> weight; CE has weight 1).
+    answer after the thoughts), ``teacher_ce`` (the student network in teacher mode on the chain of thought and
+    the answer), ``codi`` (``codi_loss`` between the two modes) and ``kv`` (``thought_kv_loss``), and ``loss``,
+    their sum with ``weights`` (name -> weight; CE has weight 1). The KV targets are stop-gradient: without
+    ``teachers`` the teacher mode's own ``cot_slots``; with them each teacher's shared ``cot_slots`` of its own
+    encoding of the text (``batch["teachers"]``), through its ``SlotAligner`` (trained here) and, for several, a
+    ``kvlib.fusion`` module over the M slots (the router reads the thoughts' last hidden states; the attention
+    kind, which needs the student's queries, is refused). Teachers are frozen and not part of this module.
     """
 
-    def __init__(self, latent: LatentStudent, weights: dict[str, float], rule: str = "rkv", kind: str = "l1"):
+    def __init__(
+        self,
+        latent: LatentStudent,
+        weights: dict[str, float],
+        rule: str = "rkv",
+        kind: str = "l1",
+        teachers: tuple = (),
+        aligners: tuple = (),
+        fusion=None,
+    ):
         super().__init__()
         unknown = sorted(set(weights) - {"teacher_ce", "codi", "kv"})
         if unknown or min(weights.values(), default=0) < 0:
             raise ValueError(f"weights are >= 0 for teacher_ce, codi and kv; got {weights}")
         if rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        if len(teachers) != len(aligners) or (len(teachers) > 1) != (fusion is not None):
+            raise ValueError(
+                f"give one SlotAligner per teacher ({len(teachers)} teachers, {len(aligners)} aligners) and a fusion "
+                "exactly when there are several teachers"
+            )
+        if fusion is not None and type(fusion).__name__ == "AttentionFusion":
+            raise ValueError(
+                "attention fusion needs the student's queries, which thoughts do not have; use another kind"
+            )
         self.student, self.weights, self.rule, self.kind = latent, dict(weights), rule, kind
+        self.teachers = list(teachers)  # a plain list: frozen, not trained and not saved with the student
+        for t in self.teachers:
+            t.requires_grad_(False).eval()
+        self.aligners, self.fusion = nn.ModuleList(aligners), fusion
         self._no_split_modules = latent._no_split_modules
+
+    def targets(self, s: dict, batch: dict) -> dict:
+        """The KV targets of the student's thoughts ``s`` (``LatentStudent.forward``): L pairs and (L, B, H, M)."""
+        model = self.student.student
+        if not self.teachers:
+            return cot_slots(model, batch, self.student.num_thoughts, self.rule)
+        M = self.student.num_thoughts
+        aligned = [
+            aligner(cot_slots(t, enc, M, self.rule, shared=True))
+            for t, aligner, enc in zip(self.teachers, self.aligners, batch["teachers"])
+        ]  # per teacher: Ls pairs of (B, Hs, M, Ds) and (B, M)
+        if self.fusion is None:
+            targets, kept = aligned[0]
+            kept = [kept] * len(targets)
+        else:
+            targets, kept = [], []
+            for layer, (k_s, v_s) in enumerate(s["kv"]):
+                k_s = unrotate_keys(k_s, s["kv_positions"], model.config)
+                k, v, mask, _ = self.fusion(
+                    [a[0][layer] for a in aligned],
+                    [a[1] for a in aligned],
+                    student_kv=(k_s.detach(), v_s.detach()),
+                    student_h=s["thought_hidden"].detach(),
+                    student_q=None,
+                    task_ids=batch["task_ids"],
+                    layer=layer,
+                )
+                targets.append((k, v))
+                kept.append(mask)
+        H = targets[0][0].shape[1]
+        return {"kv": targets, "kept": torch.stack([m[:, None].expand(-1, H, -1) for m in kept])}  # (L, B, H, M)
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         model = self.student.student
@@ -351,8 +453,7 @@ class LatentDistiller(nn.Module):
         teacher = teacher_mode(model, batch)
         terms = {"ce": s["ce"], "teacher_ce": teacher["ce"], "codi": codi_loss(s["hidden"], teacher["hidden"])}
         if self.weights.get("kv", 0) > 0:
-            targets = cot_slots(model, batch, self.student.num_thoughts, self.rule)
-            terms["kv"] = thought_kv_loss(s, targets, model.config, self.kind)
+            terms["kv"] = thought_kv_loss(s, self.targets(s, batch), model.config, self.kind)
         terms["loss"] = terms["ce"] + sum(w * terms[n] for n, w in self.weights.items() if n in terms)
         return terms
 

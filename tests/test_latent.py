@@ -5,15 +5,18 @@ import torch
 
 from kvlib.config import ModelShape
 from kvlib.data import generate
+from kvlib.hf import kv_spec
 from kvlib.latent import (
     LatentDistiller,
     LatentStudent,
+    SlotAligner,
     codi_loss,
     cot_slots,
     latent_batch,
     load_latent,
     thought_kv_loss,
 )
+from kvlib.layers import layer_map
 from kvlib.text import train_tokenizer
 
 EXAMPLES = generate(6, seed=0, max_operand=9)
@@ -200,3 +203,69 @@ def test_a_saved_latent_student_loads_back_and_thinks_the_same(tmp_path):
     )
     with pytest.raises(ValueError, match="holds no latent.json"):
         load_latent(tmp_path)
+
+
+# teachers of other families
+
+
+TEACHER_TOKENIZER = train_tokenizer("bpe", [e.text for e in EXAMPLES], vocab_size=300)
+
+
+def qwen_teacher(seed=1):
+    return ModelShape("qwen2", 3, 4, 2, 16, 64).build(len(TEACHER_TOKENIZER), seed=seed).eval()
+
+
+def cross_batch(n=3, teachers=1):
+    return latent_batch(TOKENIZER, EXAMPLES[:n], (TEACHER_TOKENIZER,) * teachers)
+
+
+def aligner_for(teacher, latent, seed=0):
+    torch.manual_seed(seed)
+    spec_t, spec_s = kv_spec(teacher.config), kv_spec(latent.student.config)
+    return SlotAligner(spec_t, spec_s, layer_map(spec_t.num_layers, spec_s.num_layers))
+
+
+def test_shared_slots_hold_one_teacher_token_in_every_layer_and_head():
+    b = cross_batch()["teachers"][0]
+    out = cot_slots(qwen_teacher(), b, 4, "rkv", shared=True)
+    assert (out["positions"] == out["positions"][:1, :, :1]).all()  # the same tokens for all layers and heads
+    assert (out["positions"].diff(dim=-1) > 0).all()  # in time order
+    own = cot_slots(qwen_teacher(), b, 4, "rkv")["positions"]
+    assert not (own == own[:1, :, :1]).all()  # per layer and head the rule picks differently: sharing is a choice
+
+
+def test_a_slot_aligner_of_matching_shapes_starts_as_the_identity():
+    teacher = qwen_teacher()
+    spec = kv_spec(teacher.config)
+    slots = cot_slots(teacher, cross_batch()["teachers"][0], 4, shared=True)
+    targets, kept = SlotAligner(spec, spec, layer_map(spec.num_layers, spec.num_layers))(slots)
+    for (k, v), (kt, vt) in zip(targets, slots["kv"]):
+        torch.testing.assert_close(k, kt)  # an identity head mix and head-dim map: float32's own rounding
+        torch.testing.assert_close(v, vt)
+    assert kept.shape == (3, 4) and kept.all()
+
+
+def test_a_teacher_of_another_family_supervises_the_thoughts_through_its_aligner():
+    latent = student(M=3).train()
+    teacher = qwen_teacher()
+    d = LatentDistiller(latent, {"kv": 1.0}, teachers=[teacher], aligners=[aligner_for(teacher, latent)])
+    terms = d(cross_batch())
+    terms["loss"].backward()
+    assert terms["kv"] > 0
+    proj = d.aligners[0].projectors[0]
+    assert proj.mix_k.grad.abs().sum() > 0 and latent.project.net[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())  # frozen, a target only
+    assert not any(n.startswith("teachers") for n, _ in d.named_parameters())
+
+
+def test_two_copies_of_one_teacher_fused_give_the_single_teacher_loss():
+    from kvlib.fusion import make_fusion
+
+    teacher = qwen_teacher()
+    single = LatentDistiller(student(M=3), {"kv": 1.0}, teachers=[teacher], aligners=[aligner_for(teacher, student())])
+    fusion = make_fusion("fixed", 2, 2, 32, 2, [0.5, 0.5])
+    aligners = [aligner_for(teacher, student()), aligner_for(teacher, student())]
+    double = LatentDistiller(student(M=3), {"kv": 1.0}, teachers=[teacher, teacher], aligners=aligners, fusion=fusion)
+    torch.testing.assert_close(double(cross_batch(teachers=2))["kv"], single(cross_batch())["kv"])
+    with pytest.raises(ValueError, match="a fusion exactly when there are several teachers"):
+        LatentDistiller(student(), {"kv": 1.0}, teachers=[teacher, teacher], aligners=aligners)
