@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from kvlib.compress import crop_slots, gather_slots, kava_scores, select_slots
-from kvlib.data import SEGMENTS, TASKS
+from kvlib.data import SEGMENTS, TASKS, parse_answer
 from kvlib.files import write_json
 from kvlib.hf import decoder_config, extract_kv_and_attention, kv_spec
 from kvlib.losses import kv_distance
@@ -231,6 +231,33 @@ class LatentStudent(nn.Module):
             embeds = self.student.get_input_embeddings()(token[:, None])  # (B, 1, h)
             out = self._step(embeds, mask, t.next_position + 1 + i, out.cache)
         return torch.stack(tokens, 1), passes
+
+
+@torch.no_grad()
+def evaluate_latent(latent: LatentStudent, tokenizer, examples: list, max_new_tokens: int, batch_size: int = 64):
+    """Greedy answers of a latent student: ``(records, summary)``, one record per example (``id``, ``task``,
+    ``gold``, ``prediction``, ``correct``, ``generated``, ``forward_passes``) and the accuracy with the mean
+    forward passes per answer (what KaVa compares with chain-of-thought decoding)."""
+    if not examples:
+        raise ValueError("evaluate_latent needs at least one example")
+    latent.eval()
+    records = []
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        b = latent_batch(tokenizer, chunk)
+        tokens, passes = latent.generate(b["prompt_ids"], b["prompt_mask"], max_new_tokens, tokenizer.eos_token_id)
+        for e, row, n in zip(chunk, tokenizer.batch_decode(tokens, skip_special_tokens=True), passes.tolist()):
+            prediction = parse_answer(row)
+            records.append(
+                {"id": e.id, "task": e.task, "gold": e.answer, "prediction": prediction}
+                | {"correct": prediction == e.answer, "generated": row, "forward_passes": n}
+            )
+    summary = {
+        "n": len(records),
+        "accuracy": sum(r["correct"] for r in records) / len(records),
+        "forward_passes": sum(r["forward_passes"] for r in records) / len(records),
+    }
+    return records, summary
 
 
 def load_latent(directory) -> LatentStudent:

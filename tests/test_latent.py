@@ -269,3 +269,14 @@ def test_two_copies_of_one_teacher_fused_give_the_single_teacher_loss():
     torch.testing.assert_close(double(cross_batch(teachers=2))["kv"], single(cross_batch())["kv"])
     with pytest.raises(ValueError, match="a fusion exactly when there are several teachers"):
         LatentDistiller(student(), {"kv": 1.0}, teachers=[teacher, teacher], aligners=aligners)
+
+
+def test_evaluation_scores_answers_and_averages_the_forward_passes():
+    from kvlib.latent import evaluate_latent
+
+    s = student(M=2)
+    records, summary = evaluate_latent(s, TOKENIZER, EXAMPLES[:4], max_new_tokens=6, batch_size=3)
+    assert [r["id"] for r in records] == [e.id for e in EXAMPLES[:4]] and summary["n"] == 4
+    assert summary["forward_passes"] == pytest.approx(sum(r["forward_passes"] for r in records) / 4)
+    assert all(1 + 2 + 1 <= r["forward_passes"] <= 1 + 2 + 1 + 5 for r in records)
+    assert summary["accuracy"] == sum(r["correct"] for r in records) / 4
