@@ -244,8 +244,10 @@ def evaluate_latent(latent: LatentStudent, tokenizer, examples: list, max_new_to
     records = []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
-        b = latent_batch(tokenizer, chunk)
-        tokens, passes = latent.generate(b["prompt_ids"], b["prompt_mask"], max_new_tokens, tokenizer.eos_token_id)
+        enc = encode_batch(tokenizer, [e.prompt for e in chunk], add_eos=False, padding_side="left")  # prompts only
+        tokens, passes = latent.generate(
+            enc["input_ids"], enc["attention_mask"], max_new_tokens, tokenizer.eos_token_id
+        )
         for e, row, n in zip(chunk, tokenizer.batch_decode(tokens, skip_special_tokens=True), passes.tolist()):
             prediction = parse_answer(row)
             records.append(
