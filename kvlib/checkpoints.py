@@ -2,7 +2,8 @@
 
 ``build`` gives a model and its tokenizer from a ``ModelConfig``: the checkpoint ``path`` with its own
 tokenizer (checked to fit the embedding), or a model of ``shape`` with a tokenizer trained on the given
-texts. ``load_trained`` reads back what a teacher or student stage left in its folder: ``model/`` and
+texts, which ``tokenizer_corpus`` picks: the split ``tokenizer.corpus`` names, else the model's own
+training split. ``load_trained`` reads back what a teacher or student stage left in its folder: ``model/`` and
 ``tokenizer/``, or, for a checkpoint used as it is, the directory named in ``checkpoint.json``.
 """
 
@@ -21,6 +22,19 @@ SMOKE_HINT = (  # the notebooks' smoke defaults read build/smoke/, which a fresh
     " (a notebook's smoke defaults read build/smoke/: build it first with "
     "`.venv/bin/python -m kvlib.runner pipeline --params params/smoke.yaml --workdir build/smoke`)"
 )
+
+
+def tokenizer_corpus(cfg: ModelConfig, splits: dict, default: str) -> list[str]:
+    """The texts ``build`` trains ``cfg``'s tokenizer on: those of the split ``cfg.tokenizer.corpus`` names, else
+    of ``default``, the model's own training split (also for a checkpoint, whose texts ``build`` ignores).
+    ``splits``: split name -> examples (``kvlib.data.load_splits``)."""
+    name = cfg.tokenizer.corpus if cfg.tokenizer is not None and cfg.tokenizer.corpus else default
+    if name not in splits:
+        raise ValueError(
+            f"the tokenizer corpus {name!r} is not one of the data splits {sorted(splits)}; name one of them in "
+            "tokenizer.corpus, or leave it empty for the model's own training split"
+        )
+    return [e.text for e in splits[name]]
 
 
 def build(cfg: ModelConfig, texts: list[str], seed: int):

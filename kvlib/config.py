@@ -32,8 +32,11 @@ import yaml
 from kvlib.models import FAMILIES, build_model, model_config
 
 OPTIONS = ("allow_outside_project",)  # top-level booleans of a params file, not sections (see kvlib.runner)
-STUDY_KEYS = ("teachers", "control", "groups", "seeds", "tuning", "secondary")
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a teacher or group name: it names folders and notebooks
+STUDY_KEYS = ("teachers", "control", "groups", "seeds", "tuning", "secondary", "latent")
+LATENT_KEYS = ("max_operand", "arms")  # study.latent: the latent study (kvlib.latent_student)
+# a teacher or group name: it names folders, notebooks and DVC params paths (train.groups.<name>), where a
+# "." would read as nesting, so none is allowed
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 NAMES = {bool: "a bool (true/false)", int: "an integer", float: "a finite number", str: "a string", dict: "a mapping"}
 PLURALS = {int: "integers", float: "finite numbers", str: "strings"}  # the items of list[...] fields
 
@@ -313,13 +316,13 @@ def check_study(params: dict) -> None:
     extraction each), ``control`` and ``groups`` (the arms, a training run per seed each), ``seeds``,
     ``tuning`` (the candidates of ``kvlib.tuning``, trained on their own seeds and scored on validation) and
     ``secondary`` (exploratory arms on their own, fewer seeds; may be empty lists). Each list is non-empty and
-    without repeats, seeds are integers, names are path-safe (``NAME``: they name folders and executed
-    notebooks) and no group plays two roles; tuning seeds are not the arms' seeds (a choice is never made on
-    runs that are compared). Every teacher and group must exist in ``teacher.teachers`` / ``train.groups``,
-    every group may use only the study's teachers, ``tune`` must list exactly the tuning candidates and
-    seeds, and every ``tuned`` arm a family of it; the evaluate, statistics and report sections must cover
-    exactly the study's arms and seeds. A params file without ``study`` (one stage run by hand) has nothing to
-    check. Raises ValueError naming the key and the fix.
+    without repeats, seeds are integers, names are path-safe (``NAME``: they name folders, executed notebooks
+    and DVC params paths, so no '.') and no group plays two roles; tuning seeds are not the arms' seeds (a
+    choice is never made on runs that are compared). Every teacher and group must exist in
+    ``teacher.teachers`` / ``train.groups``, every group may use only the study's teachers, ``tune`` must list
+    exactly the tuning candidates and seeds, and every ``tuned`` arm a family of it; the evaluate, statistics
+    and report sections must cover exactly the study's arms and seeds. A params file without ``study`` (one
+    stage run by hand) has nothing to check. Raises ValueError naming the key and the fix.
     """
     if "study" not in params:
         return
@@ -337,8 +340,9 @@ def check_study(params: dict) -> None:
     ]
     if unsafe:
         raise ValueError(
-            f"study names {unsafe} must be letters, digits, '.', '_' or '-', starting with a letter or digit "
-            "(they name folders and notebooks); rename them"
+            f"study names {unsafe} must be letters, digits, '_' or '-', starting with a letter or digit; they name "
+            "folders, notebooks and DVC params paths such as train.groups.<name>, which DVC reads as nested keys at "
+            "each '.' ('Parameters ... are missing'); rename them, writing a decimal point as 'p' (S-w0p1, not S-w0.1)"
         )
     if control in groups:
         raise ValueError(f"study.control {control!r} is also in study.groups {groups}; remove it from the groups")
@@ -421,4 +425,63 @@ def check_study(params: dict) -> None:
         raise ValueError(
             f"statistics.primary has {len(_at(params, 'statistics.primary'))} contrasts; pre-register one to four "
             "(Holm corrects over them), the rest are exploratory"
+        )
+    check_latent_study(params)
+
+
+def check_latent_study(params: dict) -> None:
+    """``study.latent`` (``LATENT_KEYS``: the latent data's ``max_operand`` and the ``arms``, a stage each) against
+    ``latent.arms`` and ``latent.runs`` (arm -> seeds), ``statistics.latent`` and ``report.latent_plan``: names
+    path-safe, every arm defined, its teachers the study's, the statistics' runs exactly the stage's and their
+    contrasts (one to four primary) between its arms, the plan describing exactly its arms."""
+    study = params["study"]["latent"]
+    if not isinstance(study, dict) or sorted(study) != sorted(LATENT_KEYS):
+        raise ValueError(f"study.latent must have exactly the keys {list(LATENT_KEYS)}, got {study!r}")
+    if not isinstance(study["max_operand"], int) or study["max_operand"] < 2:
+        raise ValueError(f"study.latent.max_operand must be an integer >= 2, got {study['max_operand']!r}")
+    arms = _names(study["arms"], "study.latent.arms")
+    unsafe = [n for n in arms if not NAME.fullmatch(n)]
+    if unsafe:
+        raise ValueError(
+            f"study.latent arms {unsafe} must be letters, digits, '_' or '-' (they name folders, notebooks and DVC "
+            "params paths); rename them"
+        )
+    for path in ("latent.arms", "latent.runs"):
+        absent = [n for n in arms if n not in _at(params, path)]
+        if absent:
+            raise ValueError(f"study.latent names arms {absent}, absent from {path}; add them there")
+    runs = _at(params, "latent.runs")
+    for n in arms:
+        _names(runs[n], f"latent.runs.{n}", "integers")
+    teachers = _at(params, "study.teachers")
+    for n in arms:
+        extra = [t for t in _at(params, "latent.arms")[n].get("teachers", []) if t not in teachers]
+        if extra:
+            raise ValueError(
+                f"latent.arms.{n} names teachers {extra}, but study.teachers is {teachers}; add them there"
+            )
+    stats = _at(params, "statistics.latent")
+    want = {n: runs[n] for n in arms}
+    if stats.get("runs") != want:
+        raise ValueError(
+            f"statistics.latent.runs is {stats.get('runs')!r} but latent.runs makes it {want!r}; set it so"
+        )
+    for kind in ("primary", "exploratory"):
+        bad = {
+            k: v
+            for k, v in stats.get(kind, {}).items()
+            if not (isinstance(v, list) and len(v) == 2 and set(v) <= set(arms) and v[0] != v[1])
+        }
+        if bad:
+            raise ValueError(
+                f"statistics.latent.{kind} contrasts {bad} must each name two different arms of the latent study "
+                f"({arms}) as [a, b] for a - b"
+            )
+    if not 1 <= len(stats.get("primary", {})) <= 4:
+        raise ValueError("statistics.latent.primary must pre-register one to four contrasts (Holm corrects over them)")
+    described = _at(params, "report.latent_plan.arms")
+    if sorted(described) != sorted(arms):
+        raise ValueError(
+            f"report.latent_plan.arms describes {sorted(described)} but the latent study runs {sorted(arms)}; "
+            "describe exactly those"
         )

@@ -9,6 +9,9 @@
    shorter axis when the teacher reads characters); the layer mix of 1. is applied after it, on Ts steps;
 3. **heads and head dim**: one ``KVProjector`` per student layer.
 
+The layer mix and the projectors (1. and 3.) are ``LayerProjection``, which ``kvlib.latent.SlotAligner``
+shares: its teacher slots need no time alignment.
+
 With ``shuffle_time`` (the negative control) each example's real teacher steps are put in a random
 order first, so the targets keep the teacher's statistics but lose their relation to the text (the aligner
 moves the taps' targets instead of the KV: tap ``j`` reads step ``order[j]``).
@@ -132,24 +135,45 @@ def shuffle_time(kv: list[tuple[Tensor, Tensor]], keep: Tensor, real: Tensor) ->
     return [(k.gather(2, idx), v.gather(2, idx)) for k, v in kv], keep.gather(2, order[:, None].expand(B, H, T))
 
 
-class TeacherAligner(nn.Module):
-    """One teacher's stored KV (Lt layers of (B, Ht, Tt, Dt)) -> student-shaped targets (Ls of (B, Hs, Ts, Ds))."""
+class LayerProjection(nn.Module):
+    """A teacher's layers onto the student's: the layer map's mix of teacher layers, then one ``KVProjector``
+    per student layer (head mixing, head-dim map). The aligners (``TeacherAligner``, ``kvlib.latent.SlotAligner``)
+    are built on it, so its ``layer_weights`` and ``projectors`` are theirs (state_dict keys ``projectors.*``)."""
 
-    def __init__(
-        self, spec_t: KVSpec, spec_s: KVSpec, layer_map: LayerMap, projector: str, time_align: str, shuffle_time=False
-    ):
+    def __init__(self, spec_t: KVSpec, spec_s: KVSpec, layer_map: LayerMap, projector: str = "linear"):
         super().__init__()
         if (layer_map.num_teacher_layers, layer_map.num_student_layers) != (spec_t.num_layers, spec_s.num_layers):
             raise ValueError(
                 f"layer map goes from {layer_map.num_teacher_layers} to {layer_map.num_student_layers} layers but "
                 f"the teacher has {spec_t.num_layers} and the student {spec_s.num_layers}"
             )
-        self.spec_t, self.spec_s, self.time_align, self.shuffle_time = spec_t, spec_s, time_align, shuffle_time
+        self.spec_t, self.spec_s = spec_t, spec_s
         self.register_buffer("layer_weights", layer_map.matrix(), persistent=False)  # (Ls, Lt)
         self.projectors = nn.ModuleList(
             KVProjector(spec_t.num_kv_heads, spec_s.num_kv_heads, spec_t.head_dim, spec_s.head_dim, projector)
             for _ in range(spec_s.num_layers)
         )
+
+    def project(self, kv: list[tuple[Tensor, Tensor]]) -> tuple[list, list]:
+        """``(targets, mixed)`` of Lt pairs of (B, Ht, T, Dt), time already aligned: per student layer the
+        projected (B, Hs, T, Ds) pair and the layer-mixed (B, Ht, T, Dt) pair before projection."""
+        keys = torch.stack([k for k, _ in kv])  # (Lt, B, Ht, T, Dt)
+        values = torch.stack([v for _, v in kv])
+        keys = torch.einsum("sl,lbhxd->sbhxd", self.layer_weights, keys)  # (Ls, B, Ht, T, Dt)
+        values = torch.einsum("sl,lbhxd->sbhxd", self.layer_weights, values)
+        targets = [proj(ks, vs) for proj, ks, vs in zip(self.projectors, keys, values)]  # Ls x (B, Hs, T, Ds)
+        return targets, list(zip(keys, values))
+
+
+class TeacherAligner(LayerProjection):
+    """One teacher's stored KV (Lt layers of (B, Ht, Tt, Dt)) -> student-shaped targets (Ls of (B, Hs, Ts, Ds)):
+    time taps, then the ``LayerProjection``."""
+
+    def __init__(
+        self, spec_t: KVSpec, spec_s: KVSpec, layer_map: LayerMap, projector: str, time_align: str, shuffle_time=False
+    ):
+        super().__init__(spec_t, spec_s, layer_map, projector)
+        self.time_align, self.shuffle_time = time_align, shuffle_time
 
     def forward(self, teacher: dict, student: dict) -> tuple[list, list, Tensor]:
         """``(targets, unprojected, covered)``: per student layer the projected (B, Hs, Ts, Ds) targets and the
@@ -188,13 +212,9 @@ class TeacherAligner(nn.Module):
             taps = (w[..., j, None] * x.gather(2, index[..., j, None].expand(B, Ht, Ts, D)) for j in range(k))
             return sum(taps, x.new_zeros(B, Ht, Ts, D))
 
-        keys = torch.stack([read(kt) for kt, _ in kv_t])  # (Lt, B, Ht, Ts, Dt)
-        values = torch.stack([read(vt) for _, vt in kv_t])
-        keys = torch.einsum("sl,lbhxd->sbhxd", self.layer_weights, keys)  # (Ls, B, Ht, Ts, Dt)
-        values = torch.einsum("sl,lbhxd->sbhxd", self.layer_weights, values)
-        targets = [proj(ks, vs) for proj, ks, vs in zip(self.projectors, keys, values)]  # Ls x (B, Hs, Ts, Ds)
+        targets, mixed = self.project([(read(kt), read(vt)) for kt, vt in kv_t])  # Ls pairs each
         covered = student["attention_mask"].bool() & (mass > 0).all(1)  # (B, Ts): every teacher head reaches it
-        return targets, list(zip(keys, values)), covered
+        return targets, mixed, covered
 
 
 class Distiller(nn.Module):

@@ -26,13 +26,14 @@ from kvlib.text import check_lengths, encode_batch
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64) -> list[str]:
-    """Greedy continuations of ``prompts`` (the new text only, special tokens removed)."""
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64, lengths: bool = False):
+    """Greedy continuations of ``prompts`` (the new text only, special tokens removed); with ``lengths`` also the
+    number of tokens each generated, its ``<eos>`` included (= its forward passes, the prompt's giving the first)."""
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} and batch_size={batch_size} must be >= 1")
     model.eval()
     device = next(model.parameters()).device
-    texts = []
+    texts, counts = [], []
     for i in range(0, len(prompts), batch_size):
         enc = encode_batch(tokenizer, prompts[i : i + batch_size], add_eos=False, padding_side="left")
         ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
@@ -44,8 +45,11 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
-        texts += tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
-    return texts
+        new = out[:, ids.shape[1] :]  # (B, <= max_new_tokens), padded after <eos> with pad_token_id
+        texts += tokenizer.batch_decode(new, skip_special_tokens=True)
+        ended = (new == tokenizer.eos_token_id).cumsum(1) > 0  # (B, n): at or after the first <eos>
+        counts += (new.shape[1] - ended.sum(1) + ended.any(1).long()).tolist()
+    return (texts, counts) if lengths else texts
 
 
 def _answers(model, tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int) -> list[str]:

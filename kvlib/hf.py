@@ -17,6 +17,7 @@ Pinned to transformers 5.24, whose outputs carry the cache as ``.cache`` with pe
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -166,9 +167,7 @@ def extract_kv_and_attention(
     Attention weights exist only under eager attention: the model is switched to it for this pass and
     back to its own implementation afterwards.
     """
-    own = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
+    with eager_attention(model):
         out = model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -176,6 +175,16 @@ def extract_kv_and_attention(
             output_attentions=True,
             logits_to_keep=1,
         )
+    return [(layer.keys, layer.values) for layer in out.cache.layers], list(out.attentions)
+
+
+@contextmanager
+def eager_attention(model):
+    """``model`` switched to eager attention, the only implementation that returns attention weights, and back
+    to its own afterwards."""
+    own = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield model
     finally:
         model.set_attn_implementation(own)
-    return [(layer.keys, layer.values) for layer in out.cache.layers], list(out.attentions)

@@ -9,6 +9,7 @@ that consumer reads, and each consuming stage depends on its own file:
 - ``data.json``: the GSM8K-format files of the data section (``files``: split -> path);
 - ``teacher-<name>.json``: the checkpoint directory (weights, config, tokenizer) of a teacher given by ``path``;
 - ``student.json``: the student's checkpoint directory, when it is given by ``path``;
+- ``latent_student.json``: the latent study's student checkpoint directory, when it is given by ``path``;
 - ``machine.json``: the CPU model and count, the GPUs, and the versions of Python and torch, on which the
   benchmarks depend (timings are a property of the machine: another machine re-measures them).
 
@@ -58,12 +59,15 @@ def content_sha256(path: str | Path) -> str:
 
 
 def external_inputs(params: dict) -> dict[str, dict[str, str]]:
-    """Consumer (``data``, ``teacher-<name>``, ``student``) -> {params key: path} of the inputs it reads."""
+    """Consumer (``data``, ``teacher-<name>``, ``student``, ``latent_student``) -> {params key: path} of the
+    inputs it reads."""
     inputs = {"data": {f"data.files.{split}": p for split, p in (params.get("data", {}).get("files") or {}).items()}}
     for name, teacher in params.get("teacher", {}).get("teachers", {}).items():
         inputs[f"teacher-{name}"] = {f"teacher.teachers.{name}.path": teacher["path"]} if teacher.get("path") else {}
     student = params.get("train", {}).get("student", {})
     inputs["student"] = {"train.student.path": student["path"]} if student.get("path") else {}
+    latent = params.get("latent", {}).get("student", {})
+    inputs["latent_student"] = {"latent.student.path": latent["path"]} if latent.get("path") else {}
     return inputs
 
 

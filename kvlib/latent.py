@@ -38,11 +38,11 @@ from torch import Tensor, nn
 
 from kvlib.compress import crop_slots, gather_slots, kava_scores, select_slots
 from kvlib.data import SEGMENTS, TASKS, parse_answer
+from kvlib.distill import LayerProjection
 from kvlib.files import write_json
-from kvlib.hf import decoder_config, extract_kv_and_attention, kv_spec
+from kvlib.hf import decoder_config, eager_attention, extract_kv_and_attention, kv_spec
 from kvlib.losses import kv_distance
 from kvlib.models import load_model
-from kvlib.projectors import KVProjector
 from kvlib.rope import unrotate_keys
 from kvlib.text import encode_batch
 
@@ -191,7 +191,7 @@ class LatentStudent(nn.Module):
         ce = F.cross_entropy(logits[real].float(), answer_ids[real])
         thoughts = slice(t.mask.shape[1] - self.num_thoughts, t.mask.shape[1])  # their positions in the cache
         kv = [(layer.keys[:, :, thoughts], layer.values[:, :, thoughts]) for layer in out.cache.layers]
-        positions = t.next_position - self.num_thoughts + torch.arange(self.num_thoughts)  # (B, M)
+        positions = t.next_position - self.num_thoughts + torch.arange(self.num_thoughts, device=answer_ids.device)
         hidden = [h[:, 0] for h in out.hidden_states]
         return {"ce": ce, "loss": ce, "hidden": hidden, "kv": kv, "kv_positions": positions, "thought_hidden": t.hidden}
 
@@ -217,8 +217,8 @@ class LatentStudent(nn.Module):
         B = prompt_ids.shape[0]
         mask = torch.cat([t.mask, t.mask.new_ones(B, 1)], 1)
         out = self._step(self.eot.to(t.inputs.dtype).expand(B, 1, -1), mask, t.next_position, t.cache)
-        passes = torch.full((B,), t.passes + 1)
-        done = torch.zeros(B, dtype=torch.bool)
+        passes = torch.full((B,), t.passes + 1, device=prompt_ids.device)
+        done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
         tokens = []
         for i in range(max_new_tokens):  # greedy decoding: one token per step
             token = out.logits[:, -1].argmax(-1).masked_fill(done, eos_id)  # (B,)
@@ -241,13 +241,13 @@ def evaluate_latent(latent: LatentStudent, tokenizer, examples: list, max_new_to
     if not examples:
         raise ValueError("evaluate_latent needs at least one example")
     latent.eval()
+    device = next(latent.parameters()).device
     records = []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
         enc = encode_batch(tokenizer, [e.prompt for e in chunk], add_eos=False, padding_side="left")  # prompts only
-        tokens, passes = latent.generate(
-            enc["input_ids"], enc["attention_mask"], max_new_tokens, tokenizer.eos_token_id
-        )
+        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        tokens, passes = latent.generate(ids, mask, max_new_tokens, tokenizer.eos_token_id)
         for e, row, n in zip(chunk, tokenizer.batch_decode(tokens, skip_special_tokens=True), passes.tolist()):
             prediction = parse_answer(row)
             records.append(
@@ -304,11 +304,19 @@ def cot_slots(model, batch: dict, budget: int, rule: str = "rkv", lam: float = 0
         raise ValueError(f"segment_bounds must cut {SEGMENTS} ((B, 4)), got shape {tuple(bounds.shape)}")
     with torch.no_grad():
         kv, attn = extract_kv_and_attention(model, ids, mask)
-    T = ids.shape[1]
-    pos = torch.arange(T, device=ids.device)
+    return select_cot_slots(kv, attn, bounds, budget, model.config, rule, lam, shared)
+
+
+def select_cot_slots(kv, attn, bounds: Tensor, budget: int, config, rule="rkv", lam=0.1, shared=False) -> dict:
+    """``cot_slots`` from a pass already made: the cache ``kv`` (L pairs of (B, H, T, D), post-RoPE) and attention
+    weights ``attn`` (L of (B, Hq, T, T)) of a model with ``config`` over the text cut by ``bounds`` (B, 4)."""
+    kv = [(k.detach(), v.detach()) for k, v in kv]
+    attn = [a.detach() for a in attn]
+    T = kv[0][0].shape[2]
+    pos = torch.arange(T, device=bounds.device)
     cot = (pos >= bounds[:, 1:2]) & (pos < bounds[:, 2:3])  # (B, T): the reasoning tokens, the eligible keys
     answer = (pos >= bounds[:, 2:3]) & (pos < bounds[:, 3:4])  # (B, T): the observers
-    positions = pos.expand(ids.shape[0], T)  # (B, T): right padding, so positions are the indices
+    positions = pos.expand(bounds.shape[0], T)  # (B, T): right padding, so positions are the indices
     H = kv[0][0].shape[1]
     if rule == "rkv":
         scores = torch.stack(
@@ -321,7 +329,7 @@ def cot_slots(model, batch: dict, budget: int, rule: str = "rkv", lam: float = 0
         chosen = [crop_slots(cot, budget, H)] * len(kv)
     slots = []
     for (k, v), (where, _) in zip(kv, chosen):
-        pre = unrotate_keys(k, positions, model.config)  # (B, H, T, D)
+        pre = unrotate_keys(k, positions, config)  # (B, H, T, D)
         slots.append((gather_slots(pre, where), gather_slots(v, where)))
     where, kept = (torch.stack(x) for x in zip(*chosen))  # (L, B, H, M) each
     return {"kv": slots, "kept": kept, "positions": where}
@@ -330,19 +338,30 @@ def cot_slots(model, batch: dict, budget: int, rule: str = "rkv", lam: float = 0
 RULES = ("rkv", "crop")
 
 
-def teacher_mode(model, batch: dict) -> dict[str, Tensor]:
+def teacher_mode(model, batch: dict, cache: bool = False) -> dict[str, Tensor]:
     """The same network reading the written chain of thought: ``ce`` of every reasoning and answer token (the
     self-distilled teacher is trained too) and ``hidden`` (L + 1 of (B, h)) at the last token before the answer,
-    the position whose hidden state CODI matches with the student's before-answer one."""
+    the position whose hidden state CODI matches with the student's before-answer one. With ``cache`` the pass
+    runs under eager attention and also returns its ``kv`` (L pairs of (B, H, T, D)) and ``attn`` (L of
+    (B, Hq, T, T)), so that ``select_cot_slots`` takes the self-distillation targets from this one pass."""
     ids, mask, bounds = batch["input_ids"], batch["attention_mask"], batch["segment_bounds"]
-    out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    if cache:
+        with eager_attention(model):
+            out = model(
+                input_ids=ids, attention_mask=mask, use_cache=True, output_hidden_states=True, output_attentions=True
+            )
+    else:
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
     B, T = ids.shape
     pos = torch.arange(1, T, device=ids.device)  # the positions of the predicted tokens
     target = (pos >= bounds[:, 1:2]) & (pos < bounds[:, 3:4])  # (B, T - 1): reasoning and answer tokens
     ce = F.cross_entropy(out.logits[:, :-1][target].float(), ids[:, 1:][target])
     before = (bounds[:, 2] - 1).clamp(min=0)  # (B,) the last reasoning token
     hidden = [h[torch.arange(B), before] for h in out.hidden_states]
-    return {"ce": ce, "hidden": hidden}
+    if not cache:
+        return {"ce": ce, "hidden": hidden}
+    kv = [(layer.keys, layer.values) for layer in out.cache.layers]
+    return {"ce": ce, "hidden": hidden, "kv": kv, "attn": list(out.attentions)}
 
 
 def codi_loss(student_hidden: list[Tensor], teacher_hidden: list[Tensor]) -> Tensor:
@@ -370,33 +389,18 @@ def thought_kv_loss(student: dict, targets: dict, config, kind: str = "l1") -> T
     return torch.stack(per_layer).mean()
 
 
-class SlotAligner(nn.Module):
+class SlotAligner(LayerProjection):
     """A teacher's M chain-of-thought slots (``cot_slots(..., shared=True)``: Lt pairs of (B, Ht, M, Dt)) ->
-    student-shaped targets (Ls pairs of (B, Hs, M, Ds)): the layer map's mix of teacher layers, then one
-    ``KVProjector`` per student layer (head mixing, head-dim map). The time axis needs no alignment: slot j
-    supervises thought j, one to one and in order."""
-
-    def __init__(self, spec_t, spec_s, lmap, projector: str = "linear"):
-        super().__init__()
-        if (lmap.num_teacher_layers, lmap.num_student_layers) != (spec_t.num_layers, spec_s.num_layers):
-            raise ValueError(
-                f"layer map goes from {lmap.num_teacher_layers} to {lmap.num_student_layers} layers but the teacher "
-                f"has {spec_t.num_layers} and the student {spec_s.num_layers}"
-            )
-        self.register_buffer("layer_weights", lmap.matrix(), persistent=False)  # (Ls, Lt)
-        self.projectors = nn.ModuleList(
-            KVProjector(spec_t.num_kv_heads, spec_s.num_kv_heads, spec_t.head_dim, spec_s.head_dim, projector)
-            for _ in range(spec_s.num_layers)
-        )
+    student-shaped targets (Ls pairs of (B, Hs, M, Ds)) by ``kvlib.distill.LayerProjection``: the layer map's mix
+    of teacher layers, then one ``KVProjector`` per student layer (head mixing, head-dim map). The time axis needs
+    no alignment: slot j supervises thought j, one to one and in order. Built as ``SlotAligner(spec_t, spec_s,
+    layer_map, projector="linear")``."""
 
     def forward(self, slots: dict) -> tuple[list, Tensor]:
         """``(targets, kept)``: Ls pairs of (B, Hs, M, Ds) and the (B, M) slots that hold a teacher token."""
-        keys = torch.stack([k.float() for k, _ in slots["kv"]])  # (Lt, B, Ht, M, Dt)
-        values = torch.stack([v.float() for _, v in slots["kv"]])
-        keys = torch.einsum("sl,lbhmd->sbhmd", self.layer_weights, keys)  # (Ls, B, Ht, M, Dt)
-        values = torch.einsum("sl,lbhmd->sbhmd", self.layer_weights, values)
+        targets, _ = self.project([(k.float(), v.float()) for k, v in slots["kv"]])
         kept = slots["kept"].all(0).all(1)  # (B, M): shared slots are kept (or not) in every layer and head
-        return [proj(k, v) for proj, k, v in zip(self.projectors, keys, values)], kept
+        return targets, kept
 
 
 class LatentDistiller(nn.Module):
@@ -445,12 +449,18 @@ class LatentDistiller(nn.Module):
         self.aligners, self.fusion = nn.ModuleList(aligners), fusion
         self._no_split_modules = latent._no_split_modules
 
-    def targets(self, s: dict, batch: dict) -> dict:
-        """The KV targets of the student's thoughts ``s`` (``LatentStudent.forward``): L pairs and (L, B, H, M)."""
-        model = self.student.student
+    def _apply(self, fn, recurse=True):
+        """``.to(device)`` and dtype casts reach the frozen teachers too, which stay out of the state dict."""
+        for t in self.teachers:
+            t._apply(fn, recurse)
+        return super()._apply(fn, recurse)
+
+    def targets(self, s: dict, batch: dict, teacher: dict) -> dict:
+        """The KV targets of the student's thoughts ``s`` (``LatentStudent.forward``): L pairs and (L, B, H, M);
+        ``teacher``: the teacher mode's pass (``teacher_mode(..., cache=True)`` for self-distillation)."""
+        model, M = self.student.student, self.student.num_thoughts
         if not self.teachers:
-            return cot_slots(model, batch, self.student.num_thoughts, self.rule)
-        M = self.student.num_thoughts
+            return select_cot_slots(teacher["kv"], teacher["attn"], batch["segment_bounds"], M, model.config, self.rule)
         aligned = [
             aligner(cot_slots(t, enc, M, self.rule, shared=True))
             for t, aligner, enc in zip(self.teachers, self.aligners, batch["teachers"])
@@ -479,10 +489,11 @@ class LatentDistiller(nn.Module):
     def forward(self, batch: dict) -> dict[str, Tensor]:
         model = self.student.student
         s = self.student(batch)
-        teacher = teacher_mode(model, batch)
+        kv = self.weights.get("kv", 0) > 0
+        teacher = teacher_mode(model, batch, cache=kv and not self.teachers)  # one pass for CE, CODI and own slots
         terms = {"ce": s["ce"], "teacher_ce": teacher["ce"], "codi": codi_loss(s["hidden"], teacher["hidden"])}
-        if self.weights.get("kv", 0) > 0:
-            terms["kv"] = thought_kv_loss(s, self.targets(s, batch), model.config, self.kind)
+        if kv:
+            terms["kv"] = thought_kv_loss(s, self.targets(s, batch, teacher), model.config, self.kind)
         terms["loss"] = terms["ce"] + sum(w * terms[n] for n, w in self.weights.items() if n in terms)
         return terms
 

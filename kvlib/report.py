@@ -356,9 +356,17 @@ def accuracy_section(accuracy: dict, by_task: dict, identical: dict) -> list[str
 
 
 def render(
-    plan: dict, stats: dict, choices: dict, splits: dict, teachers: dict, figures: dict, identical: dict | None = None
+    plan: dict,
+    stats: dict,
+    choices: dict,
+    splits: dict,
+    teachers: dict,
+    figures: dict,
+    identical: dict | None = None,
+    latent: list[str] = (),
 ) -> str:
-    """The report as Markdown: plan, data and tuning, results (primary, answer, exploratory, accuracy), figures.
+    """The report as Markdown: plan, data and tuning, results (primary, answer, exploratory, accuracy), figures,
+    then the latent study's section (``latent``: its lines, ``kvlib.report_latent.latent_section``).
 
     plan: ``report.plan``; stats: ``statistics.json``; choices: ``tuning/choices.json``; splits: ``splits.json``;
     teachers: name -> ``metrics.json``; figures: caption -> path relative to the report; identical: as
@@ -392,4 +400,6 @@ def render(
         lines += ["", "## 4. Figures", ""]
         for caption, path in figures.items():
             lines += [f"**{caption}**", "", f"![{caption}]({path})", ""]
+    if latent:
+        lines += ["", *latent]
     return "\n".join(lines).rstrip() + "\n"

@@ -19,7 +19,7 @@ import torch
 from accelerate import PartialState
 
 from kvlib.batches import collate_fn
-from kvlib.checkpoints import build
+from kvlib.checkpoints import build, tokenizer_corpus
 from kvlib.config import ModelConfig, from_dict
 from kvlib.data import TASKS, load_splits, split_sha256
 from kvlib.distill import Distiller, GroupConfig, TeacherAligner
@@ -68,8 +68,7 @@ def train_student(
             f"train_examples={used} but the student-training split has {len(examples)}; lower it or raise "
             "data.sizes.student_train"
         )
-    corpus = cfg.tokenizer.corpus if cfg.tokenizer is not None and cfg.tokenizer.corpus else "student_train"
-    model, tokenizer = build(cfg, [e.text for e in splits[corpus]], seed)  # the same on every process
+    model, tokenizer = build(cfg, tokenizer_corpus(cfg, splits, "student_train"), seed)  # the same on every process
     spec_s = kv_spec(model.config)
     if g.teachers and kv_root is None:
         raise ValueError(

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from kvlib.batches import collate_fn
-from kvlib.checkpoints import build, load_trained
+from kvlib.checkpoints import build, load_trained, tokenizer_corpus
 from kvlib.config import ModelConfig
 from kvlib.data import load_splits, split_sha256
 from kvlib.evaluate import evaluate, validation
@@ -35,8 +35,7 @@ def train_teacher(params: dict, data_dir: str | Path, out_dir: str | Path, progr
         model, tokenizer = load_trained(out, inference=True)
         kv_spec(model.config)  # a model without an attention KV cache is refused before any work
     else:
-        corpus = splits[cfg.tokenizer.corpus] if cfg.tokenizer and cfg.tokenizer.corpus else examples
-        model, tokenizer = build(cfg, [e.text for e in corpus], cfg.train.seed)
+        model, tokenizer = build(cfg, tokenizer_corpus(cfg, splits, "teacher_train"), cfg.train.seed)
         kv_spec(model.config)
         save_tokenizer(tokenizer, out / "tokenizer")
         start = time.perf_counter()

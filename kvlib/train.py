@@ -95,10 +95,14 @@ def gradient_shares(losses: dict[str, Tensor], params: list[Tensor]) -> dict[str
 def _separate_grads(accelerator, terms: dict, weights: dict, params: list, ce_sum: list | None, grad_accum: int):
     """Back-propagate the weighted non-CE terms into ``.grad`` and add this micro-batch's CE gradient to
     ``ce_sum`` (one tensor per parameter, the CE gradient kept apart until the optimizer step). The non-CE
-    part is summed from its terms, not taken as ``loss - ce``, whose graph would run through CE's twice."""
+    part is summed from its terms, not taken as ``loss - ce``, whose graph would run through CE's twice.
+    With no non-CE term of weight > 0 (a KV weight of 0 and no relation or entropy term) nothing is
+    back-propagated: ``.grad`` stays empty, so the non-CE norm is 0 and the step is the CE step alone."""
     ce = torch.autograd.grad(terms["ce"] / grad_accum, params, retain_graph=True, allow_unused=True)
     ce = [torch.zeros_like(p) if g is None else g for p, g in zip(params, ce)]
-    accelerator.backward(sum(w * terms[n] for n, w in weights.items() if n != "ce" and n in terms and w > 0))
+    aux = [w * terms[n] for n, w in weights.items() if n != "ce" and n in terms and w > 0]
+    if aux:
+        accelerator.backward(sum(aux))
     return ce if ce_sum is None else [a + b for a, b in zip(ce_sum, ce)]
 
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from transformers import BartConfig, BertConfig, BertForMaskedLM, BertLMHeadModel, LlamaModel, T5Config
 
 from kvlib.batches import collate_fn
-from kvlib.checkpoints import build, load_trained
+from kvlib.checkpoints import build, load_trained, tokenizer_corpus
 from kvlib.config import ModelConfig
 from kvlib.data import generate, load_gsm8k, load_jsonl, parse_answer
 from kvlib.evaluate import accuracy, evaluate, evaluate_student
@@ -136,6 +136,20 @@ def test_a_checkpoint_with_another_models_tokenizer_is_refused_by_build(foreign)
     save_tokenizer(tokenizer, root / "ckpt")
     with pytest.raises(ValueError, match=r"30 tokens .* only 20 rows: the tokenizer belongs to another model"):
         build(ModelConfig.from_params({"path": str(root / "ckpt")}), [], seed=0)
+
+
+def test_the_tokenizer_corpus_is_the_named_split_else_the_models_own_and_a_missing_one_is_named():
+    splits = {"teacher_train": generate(2, seed=0), "student_train": generate(3, seed=1)}
+    own = {"family": "llama", **SHAPE}
+
+    def model(corpus: str) -> ModelConfig:
+        return ModelConfig.from_params({"shape": own, "tokenizer": {"corpus": corpus}, "train": {}})
+
+    texts = {name: [e.text for e in split] for name, split in splits.items()}
+    assert tokenizer_corpus(model(""), splits, "student_train") == texts["student_train"]
+    assert tokenizer_corpus(model("teacher_train"), splits, "student_train") == texts["teacher_train"]
+    with pytest.raises(ValueError, match=r"corpus 'teacher_train' is not one of the data splits \['student_train'\]"):
+        tokenizer_corpus(model("teacher_train"), {"student_train": splits["student_train"]}, "student_train")
 
 
 @pytest.mark.parametrize("layout", ["model-and-tokenizer", "checkpoint.json"])

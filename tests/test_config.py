@@ -1,6 +1,7 @@
 import pytest
 
-from kvlib.config import ModelShape, TokenizerConfig, TrainConfig, from_dict
+from kvlib import project_root
+from kvlib.config import ModelShape, TokenizerConfig, TrainConfig, check_study, from_dict, parse_yaml
 from kvlib.distill import FusionConfig, GroupConfig, KVConfig
 
 
@@ -64,3 +65,13 @@ def test_group_with_several_teachers_needs_fusion():
 def test_group_rejects_a_teacher_listed_twice():
     with pytest.raises(ValueError, match=r"teachers \['A', 'A'\] are listed twice"):
         GroupConfig(teachers=["A", "A"], kv=KVConfig(), fusion=FusionConfig())
+
+
+def test_a_study_name_with_a_dot_is_refused_as_dvc_reads_it_as_nesting():
+    """``S-w0.1`` renamed so everywhere in the default params: only the name's '.' is wrong with them."""
+    text = (project_root() / "params" / "default.yaml").read_text(encoding="utf-8")
+    assert "S-w0p1" in text
+    dotted = parse_yaml(text.replace("S-w0p1", "S-w0.1"), "default.yaml with S-w0.1")
+    check_study(parse_yaml(text, "default.yaml"))
+    with pytest.raises(ValueError, match=r"study names \['S-w0.1'\] .* DVC params paths .* \(S-w0p1, not S-w0.1\)"):
+        check_study(dotted)

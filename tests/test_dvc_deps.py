@@ -85,33 +85,33 @@ def test_the_closure_follows_imports_through_modules():
 # from a marked stage's outputs re-runs too (e.g. evaluate, statistics, report after training).
 STUDENT = {"train_candidate", "train_control", "train", "train_secondary"}
 TEACHER_SIDE = {"teacher", "teacher_kv", "alignment", "evaluate"}
-EVERY_MODEL_STAGE = {"teacher", "teacher_kv", "alignment", "evaluate", "benchmarks"} | STUDENT
+EVERY_MODEL_STAGE = {"teacher", "teacher_kv", "alignment", "evaluate", "benchmarks", "latent"} | STUDENT
 MARKED = {
-    "__init__.py": EVERY_MODEL_STAGE | {"data", "tune", "statistics", "report"},
-    "data.py": EVERY_MODEL_STAGE | {"data"},
-    "files.py": EVERY_MODEL_STAGE | {"data", "tune", "statistics", "report"},
+    "__init__.py": EVERY_MODEL_STAGE | {"data", "latent_data", "tune", "statistics", "report"},
+    "data.py": EVERY_MODEL_STAGE | {"data", "latent_data"},
+    "files.py": EVERY_MODEL_STAGE | {"data", "latent_data", "tune", "statistics", "report"},
     "config.py": EVERY_MODEL_STAGE,
     "models.py": EVERY_MODEL_STAGE,
     "text.py": EVERY_MODEL_STAGE,
     "progress.py": EVERY_MODEL_STAGE - {"alignment"},
     "hf.py": EVERY_MODEL_STAGE - {"evaluate"},
     "checkpoints.py": EVERY_MODEL_STAGE,
-    "evaluate.py": {"teacher", "evaluate"} | STUDENT,
-    "batches.py": {"teacher", "benchmarks"} | STUDENT,
-    "objective.py": {"teacher", "benchmarks"} | STUDENT,
-    "train.py": {"teacher"} | STUDENT,
+    "evaluate.py": {"teacher", "evaluate", "latent"} | STUDENT,
+    "batches.py": {"teacher", "benchmarks", "latent"} | STUDENT,
+    "objective.py": {"teacher", "benchmarks", "latent"} | STUDENT,
+    "train.py": {"teacher", "latent"} | STUDENT,
     "teacher.py": {"teacher"},
-    "rope.py": {"teacher_kv", "alignment", "benchmarks"} | STUDENT,
+    "rope.py": {"teacher_kv", "alignment", "benchmarks", "latent"} | STUDENT,
     "kvstore.py": {"teacher_kv", "benchmarks"} | STUDENT,
-    "compress.py": {"teacher_kv", "benchmarks"},
+    "compress.py": {"teacher_kv", "benchmarks", "latent"},
     "teacher_kv.py": {"teacher_kv", "benchmarks"},
-    "resample.py": {"alignment", "benchmarks"} | STUDENT,
-    "layers.py": {"alignment", "benchmarks"} | STUDENT,
+    "resample.py": {"alignment", "benchmarks", "latent"} | STUDENT,
+    "layers.py": {"alignment", "benchmarks", "latent"} | STUDENT,
     "analysis.py": {"alignment"},
-    "losses.py": {"benchmarks"} | STUDENT,
-    "projectors.py": {"benchmarks"} | STUDENT,
-    "fusion.py": {"benchmarks"} | STUDENT,
-    "distill.py": {"benchmarks"} | STUDENT,
+    "losses.py": {"benchmarks", "latent"} | STUDENT,
+    "projectors.py": {"benchmarks", "latent"} | STUDENT,
+    "fusion.py": {"benchmarks", "latent"} | STUDENT,
+    "distill.py": {"benchmarks", "latent"} | STUDENT,
     "student.py": STUDENT,
     "launch.py": STUDENT,
     "tuning.py": STUDENT | {"tune"},
@@ -119,8 +119,10 @@ MARKED = {
     "contrasts.py": {"statistics"},
     "report.py": {"report"},
     "report_figures.py": {"report"},
+    "report_latent.py": {"report"},
     "benchmark.py": {"benchmarks"},
-    "latent.py": set(),  # the latent student (issue #14): no stage uses it yet
+    "latent.py": {"latent"},
+    "latent_student.py": {"latent"},
     "inputs.py": set(),  # the inputs stage runs on every repro (always_changed); its outputs are what count
     "runner.py": set(),  # runs and presents stages; no result comes from it
 }

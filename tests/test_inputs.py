@@ -41,12 +41,14 @@ def test_each_consumer_gets_the_inputs_the_params_name_for_it():
         "data": {"files": {"test": "/d/test.jsonl", "student_train": "/d/train.jsonl"}},
         "teacher": {"teachers": {"A": {"path": "/m/qwen"}, "B": {"shape": {}, "tokenizer": {}}}},
         "train": {"student": {"path": "/m/llama"}},
+        "latent": {"student": {"path": "/m/qwen-small"}},
     }
     assert external_inputs(params) == {
         "data": {"data.files.test": "/d/test.jsonl", "data.files.student_train": "/d/train.jsonl"},
         "teacher-A": {"teacher.teachers.A.path": "/m/qwen"},
         "teacher-B": {},
         "student": {"train.student.path": "/m/llama"},
+        "latent_student": {"latent.student.path": "/m/qwen-small"},
     }
 
 
@@ -56,7 +58,13 @@ def test_write_inputs_records_each_files_hash_the_machine_and_drops_consumers_go
     out.mkdir()
     (out / "teacher-C.json").write_text("{}")  # a teacher the params no longer have
     written = write_inputs({"teacher": {"teachers": {"A": {"path": str(model)}}}}, out)
-    assert sorted(p.name for p in out.iterdir()) == ["data.json", "machine.json", "student.json", "teacher-A.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "data.json",
+        "latent_student.json",
+        "machine.json",
+        "student.json",
+        "teacher-A.json",
+    ]
     record = json.loads((out / "teacher-A.json").read_text())
     assert record == {"teacher.teachers.A.path": {"path": str(model), "sha256": content_sha256(model)}}
     assert written["machine"]["cpus"] >= 1 and written["machine"]["torch"].startswith("2.")

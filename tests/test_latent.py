@@ -156,6 +156,25 @@ def test_cot_slots_are_reasoning_tokens_in_time_order_with_pre_rope_keys():
         assert (d.amin(-1) < 1e-5).all() and (found.diff(dim=-1) > 0).all()  # exactly a key; in time order
 
 
+def test_self_distillation_takes_its_slots_from_the_teacher_mode_pass_it_trains():
+    """One teacher-mode pass (eager attention, with gradients) gives the CE, CODI's state and the same slots as a
+    separate no-gradient pass; under eager attention both passes compute the same thing in the same order."""
+    from kvlib.latent import select_cot_slots, teacher_mode
+
+    s, b, M = student(), batch(3), 4
+    model = s.student.train()
+    one = teacher_mode(model, b, cache=True)
+    plain = teacher_mode(model, b)
+    torch.testing.assert_close(one["ce"], plain["ce"])  # eager vs the default attention: float32's own rounding
+    assert one["ce"].requires_grad
+    for rule in ("rkv", "crop"):
+        got = select_cot_slots(one["kv"], one["attn"], b["segment_bounds"], M, model.config, rule)
+        want = cot_slots(model, b, M, rule)
+        assert torch.equal(got["positions"], want["positions"]) and torch.equal(got["kept"], want["kept"])
+        for (k, v), (kw, vw) in zip(got["kv"], want["kv"]):
+            assert torch.equal(k, kw) and torch.equal(v, vw) and not k.requires_grad
+
+
 def test_codi_loss_closed_form():
     t = [torch.tensor([[0.0, 2.0], [2.0, 0.0]])]  # std (ddof 1) over the 4 values: sqrt(4/3)
     s = [torch.tensor([[1.0, 2.0], [2.0, 1.0]])]  # |s - t| = 1, 0, 0, 1: mean 0.5

@@ -228,7 +228,7 @@ def test_the_pipeline_marks_its_folder_reuses_it_and_checks_every_section_before
     params = load_params(ROOT / "params" / "smoke.yaml")
     params["benchmarks"]["threads"] = "2"  # the last stage: found before any training
     bad = tmp_path / "smoke.yaml"
-    bad.write_text(yaml.safe_dump(params))
+    bad.write_text(yaml.safe_dump(params, sort_keys=False))  # the study's order is part of it
     workdir = tmp_path / "run"
     for _ in range(2):  # a new folder, then the same folder again (now holding the marker)
         with pytest.raises(TypeError, match=r"09_benchmarks.ipynb parameter threads must be an integer, got '2'"):

@@ -10,11 +10,11 @@ from accelerate.utils import DistributedType
 from kvlib.batches import collate_fn
 from kvlib.config import ModelShape, TrainConfig
 from kvlib.data import generate
-from kvlib.distill import Distiller, KVConfig, TeacherAligner, shuffle_time
+from kvlib.distill import Distiller, KVConfig, LayerProjection, TeacherAligner, shuffle_time
 from kvlib.evaluate import evaluate
 from kvlib.evaluate import generate as greedy
 from kvlib.fusion import make_fusion
-from kvlib.hf import extract_kv, kv_spec
+from kvlib.hf import KVSpec, extract_kv, kv_spec
 from kvlib.layers import layer_map
 from kvlib.rope import unrotate_keys
 from kvlib.teacher_kv import extract_store, online_batch
@@ -199,6 +199,21 @@ def test_aligner_rejects_a_layer_map_of_other_depths(setup):
     store = setup[4]
     with pytest.raises(ValueError, match="layer map goes from 4 to 2 layers but the teacher has 3"):
         TeacherAligner(store.spec, kv_spec(student(setup[2]).config), layer_map(4, 2), "linear", "span")
+
+
+def test_the_layer_projection_mixes_teacher_layers_by_the_map_then_projects_each_student_layer():
+    """``LayerProjection.project`` (shared by ``TeacherAligner`` and ``kvlib.latent.SlotAligner``) against a
+    loop over student and teacher layers. The same float32 sums in another order: float32's default tolerances."""
+    lmap = layer_map(3, 2, "uniform")
+    projection = LayerProjection(KVSpec(3, 2, 8), KVSpec(2, 1, 4), lmap, "linear")
+    kv = [(torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)) for _ in range(3)]  # Lt x (B, Ht, T, Dt)
+    targets, mixed = projection.project(kv)
+    W = lmap.matrix()  # (Ls, Lt)
+    for s, ((k, v), (ks, vs), proj) in enumerate(zip(targets, mixed, projection.projectors)):
+        torch.testing.assert_close(ks, sum(W[s, t] * kv[t][0] for t in range(3)))
+        torch.testing.assert_close(vs, sum(W[s, t] * kv[t][1] for t in range(3)))
+        assert k.shape == v.shape == (2, 1, 5, 4)
+        torch.testing.assert_close((k, v), proj(ks, vs))
 
 
 def test_aligner_rejects_a_teacher_batch_of_other_depth(setup):
@@ -400,6 +415,22 @@ def test_training_logs_kv_scales_and_pre_clip_norms(setup, tmp_path):
     row = json.loads((tmp_path / "ce" / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"grad_norm_ce", "clipped_ce"} <= set(row) and "grad_norm_aux" not in row
     assert set(row["kv_std"]) == {"student_k", "student_v"}
+
+
+def test_separate_clipping_with_a_zero_kv_weight_steps_as_the_ce_only_run(setup, tmp_path):
+    """A KV weight of 0 leaves no non-CE term: only CE is back-propagated, the logged non-CE norm is 0, and the
+    student ends exactly where the CE-only run (no teacher) does. Exactly, by construction: both take the CE
+    gradient of the same student on the same batches through the same graph (the KV branch is not on CE's
+    path), and with max_grad_norm above every norm both clip factors are exactly 1 (the separate and the
+    joint clipping sum the norm in other orders, so a clipped step would agree only to rounding)."""
+    cfg = dict(clip="separate", max_grad_norm=1e6)
+    zero, collate = distiller(setup, weight=0.0)
+    train(zero, collate, len(setup[0]), TrainConfig(**{**FAST, "steps": 5, **cfg}), tmp_path / "zero", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "zero" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["grad_norm_aux"] == 0 and r["clipped_aux"] == 0 and r["clipped_ce"] == 0 for r in rows)
+    ce_only, _, rows_ce = run(setup, tmp_path / "ce", kv=False, **cfg)
+    assert [r["ce"] for r in rows] == [r["ce"] for r in rows_ce]
+    assert all(torch.equal(p, q) for p, q in zip(zero.student.parameters(), ce_only.student.parameters()))
 
 
 def test_separate_clipping_refuses_fp16():
