@@ -69,19 +69,26 @@ def load_statistics(path: str | Path) -> dict:
     return stats
 
 
-def check_plan(plan: dict, stats: dict) -> None:
-    """``report.plan`` has the keys the report reads and agrees with ``statistics.json``, else ValueError."""
-    missing = [k for k in PLAN_KEYS if k not in plan]
-    unknown = [k for k in plan if k not in PLAN_KEYS + PLAN_OPTIONAL]
+def check_keys(given: dict, required: tuple, optional: tuple, name: str) -> None:
+    """``given`` (the params mapping ``name``) has every ``required`` key and no key outside ``required + optional``."""
+    missing = [k for k in required if k not in given]
+    unknown = [k for k in given if k not in required + optional]
     if missing or unknown:
         raise ValueError(
-            f"report.plan lacks {missing} and has unknown keys {unknown}; valid keys: {list(PLAN_KEYS + PLAN_OPTIONAL)}"
+            f"{name} lacks {missing} and has unknown keys {unknown}; valid keys: {list(required + optional)}"
         )
-    if sorted(plan["contrasts"]) != sorted(stats["primary"]):
-        raise ValueError(
-            f"report.plan.contrasts describes {sorted(plan['contrasts'])} but the statistics hold the primary "
-            f"contrasts {sorted(stats['primary'])}; describe exactly statistics.primary"
-        )
+
+
+def check_described(name: str, described, held, what: str) -> None:
+    """The plan's ``name`` describes exactly the names ``held`` (``what`` they are), else ValueError."""
+    if sorted(described) != sorted(held):
+        raise ValueError(f"{name} describes {sorted(described)} but {what} are {sorted(held)}; describe exactly those")
+
+
+def check_plan(plan: dict, stats: dict) -> None:
+    """``report.plan`` has the keys the report reads and agrees with ``statistics.json``, else ValueError."""
+    check_keys(plan, PLAN_KEYS, PLAN_OPTIONAL, "report.plan")
+    check_described("report.plan.contrasts", plan["contrasts"], stats["primary"], "the statistics' primary contrasts")
     if plan["alpha"] != stats["alpha"]:
         raise ValueError(f"report.plan.alpha is {plan['alpha']} but the statistics used {stats['alpha']}; set it so")
     contrasts = stats["primary"] | stats["exploratory"]

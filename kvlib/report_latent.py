@@ -17,6 +17,8 @@ from kvlib.report import (
     _pts,
     _sd,
     answer_sentence,
+    check_described,
+    check_keys,
     ci_level,
     read_json,
     results_table,
@@ -40,23 +42,9 @@ def load_latent_statistics(path) -> dict:
 
 def check_latent_plan(plan: dict, stats: dict) -> None:
     """``report.latent_plan`` has the keys this section reads and agrees with ``latent.json``, else ValueError."""
-    missing = [k for k in LATENT_PLAN_KEYS if k not in plan]
-    unknown = [k for k in plan if k not in LATENT_PLAN_KEYS + LATENT_PLAN_OPTIONAL]
-    if missing or unknown:
-        raise ValueError(
-            f"report.latent_plan lacks {missing} and has unknown keys {unknown}; valid keys: "
-            f"{list(LATENT_PLAN_KEYS + LATENT_PLAN_OPTIONAL)}"
-        )
-    if sorted(plan["contrasts"]) != sorted(stats["primary"]):
-        raise ValueError(
-            f"report.latent_plan.contrasts describes {sorted(plan['contrasts'])} but the latent statistics hold the "
-            f"primary contrasts {sorted(stats['primary'])}; describe exactly statistics.latent.primary"
-        )
-    if sorted(plan["arms"]) != sorted(stats["accuracy"]):
-        raise ValueError(
-            f"report.latent_plan.arms describes {sorted(plan['arms'])} but the latent runs are of the arms "
-            f"{sorted(stats['accuracy'])}; describe exactly those"
-        )
+    check_keys(plan, LATENT_PLAN_KEYS, LATENT_PLAN_OPTIONAL, "report.latent_plan")
+    check_described("report.latent_plan.contrasts", plan["contrasts"], stats["primary"], "its primary contrasts")
+    check_described("report.latent_plan.arms", plan["arms"], stats["accuracy"], "the arms of its runs")
     bounds = plan.get("bounds")
     if bounds is not None and (sorted(bounds) != ["cot", "nocot"] or not set(bounds.values()) <= set(plan["arms"])):
         raise ValueError(f"report.latent_plan.bounds maps cot and nocot to arms of the study, got {bounds}")

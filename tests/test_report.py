@@ -339,7 +339,7 @@ def test_statistics_without_a_key_the_report_reads_are_refused(tmp_path):
 
 
 def test_a_plan_that_disagrees_with_the_statistics_is_refused():
-    with pytest.raises(ValueError, match=r"describes \['P1'\] but the statistics hold the primary contrasts"):
+    with pytest.raises(ValueError, match=r"describes \['P1'\] but the statistics' primary contrasts are"):
         check_plan(PLAN | {"contrasts": {"P1": "x"}}, STATS)
     with pytest.raises(ValueError, match=r"points \{'dose.3': 'w9'\} name no contrast"):
         check_plan(PLAN | {"curves": {"dose": {"x": "w", "points": {"1": "P1", "3": "w9"}}}}, STATS)
