@@ -90,6 +90,11 @@ class LatentArm:
             raise ValueError(f"teachers {self.teachers}: give fusion settings exactly when there are several")
         if len(set(self.teachers)) != len(self.teachers):
             raise ValueError(f"teachers {self.teachers} are listed twice")
+        if self.fusion is not None and self.fusion.entropy_weight:
+            raise ValueError(
+                f"fusion.entropy_weight={self.fusion.entropy_weight}: LatentDistiller has no router entropy term, so "
+                "the weight would be ignored; set it to 0 (or leave it out)"
+            )
 
     @classmethod
     def from_params(cls, params: dict) -> LatentArm:

@@ -40,6 +40,7 @@ def data(tmp_path_factory):
         ({"mode": "latent", "weights": {"codi": 1.0}, "teachers": ["A"]}, "weights.kv"),
         ({"mode": "latent", "weights": {"kv": 1.0}, "teachers": ["A", "B"]}, "fusion"),
         ({"mode": "latent", "weights": {"kv": 1.0}, "rule": "mean"}, "rule"),
+        (KAVA | {"teachers": ["A", "B"], "fusion": {"kind": "router", "entropy_weight": 0.1}}, "entropy_weight"),
     ],
 )
 def test_bad_arms_are_refused_with_the_fix(arm, match):
