@@ -26,6 +26,8 @@ def test_every_stage_ran_and_left_its_executed_notebook(smoke):
     expected = ["01_data", "04_alignment", "05_tune", "06_evaluate", "07_statistics", "08_report", "09_benchmarks"]
     expected += [f"02_teacher-{t}" for t in study["teachers"]] + [f"03_teacher_kv-{t}" for t in study["teachers"]]
     expected += [f"05_train-{r}" for r in runs]
+    latent = study["latent"]  # its data stage (the data notebook at its max_operand) and one stage per arm
+    expected += [f"01_data-{latent['max_operand']}"] + [f"10_latent-{a}" for a in latent["arms"]]
     executed = {p.stem for p in (WORKDIR / "reports" / "notebooks").glob("*.ipynb")}
     assert executed == set(expected)
     assert all((WORKDIR / "reports" / "notebooks" / f"{name}.html").exists() for name in expected)
