@@ -106,10 +106,10 @@ def load_teachers(root: str | Path) -> dict[str, dict]:
 
 
 def load_curves(root: str | Path, accuracy: dict) -> dict[str, dict[str, list[dict]]]:
-    """Group -> seed -> the rows of ``root/<group>-<seed>/learning_curve.jsonl``, for every group and seed of the
+    """Group -> seed -> the rows of ``root/<group>/<seed>/learning_curve.jsonl``, for every group and seed of the
     statistics' ``accuracy`` (the arms and secondary runs that were compared, in their order)."""
     return {
-        g: {s: read_jsonl(Path(root) / f"{g}-{s}" / "learning_curve.jsonl", "train") for s in acc["seeds"]}
+        g: {s: read_jsonl(Path(root) / g / str(s) / "learning_curve.jsonl", "train") for s in acc["seeds"]}
         for g, acc in accuracy.items()
     }
 

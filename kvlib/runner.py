@@ -7,7 +7,9 @@
 The notebook is ``notebooks/NN_<stage>.ipynb`` of the project root (``kvlib.project_root``, the folder
 holding ``dvc.yaml`` at or above the working directory); its parameters are the keys of section
 ``<stage>`` of the params file (read by ``kvlib.config.load_params``), updated by ``--set name=value``
-(values parsed as the same YAML) for the items of a generated stage. Before anything runs
+(values parsed as the same YAML) for the items of a generated stage, and by ``--set-from name=section.key``, a
+value taken from elsewhere in the same file (a list, which DVC cannot put into a command: ``--set-from
+seeds=study.seeds``). Before anything runs
 (``stage_parameters``): the ``study`` section must agree with the others (``kvlib.config.check_study``);
 names the notebook's ``parameters`` cell does not declare are rejected (papermill itself only warns), and
 each value must have the type the cell declares (``seed: int = 0``: ``--set seed=abc`` is refused); the
@@ -20,7 +22,7 @@ The log holds what the cells print and one ``[kvlib]`` line at the start and the
 and an HTML copy for readers without Jupyter (nbconvert's ``lab`` template: JupyterLab's styles inline) are
 written to ``reports/notebooks/``, named after the stage and the ``--set`` values (characters other than letters,
 digits and ``._=-`` replaced by ``_``, so ``--set data_dir=/x/y`` names ``01_data-_x_y``; output paths such as
-``out_root`` are left out of the name). Papermill
+``out_root`` and ``--set-from`` values are left out of the name). Papermill
 writes ``<name>.running.ipynb`` (saved after every cell: open it to follow a run) and it is renamed onto
 ``<name>.ipynb`` only when every cell succeeded; a failed or interrupted run leaves the previous
 complete notebook in place (under ``dvc repro``, DVC has removed a stage's outputs before it starts) and
@@ -109,20 +111,46 @@ def check_outputs(parameters: dict, root: Path) -> None:
             )
 
 
-def stage_parameters(params_file: str | Path, stage: str, sets: dict | None = None, root: Path | None = None) -> dict:
-    """Section ``stage`` of a params file updated by ``sets``, checked against the study, the stage's
-    notebook (names and types) and the project ``root`` (outputs inside it)."""
+def stage_parameters(
+    params_file: str | Path, stage: str, sets: dict | None = None, root: Path | None = None, takes: dict | None = None
+) -> dict:
+    """Section ``stage`` of a params file updated by ``sets`` and by ``takes`` (name -> the dotted path of a value in
+    the same file), checked against the study, the stage's notebook (names and types) and the project ``root``
+    (outputs inside it)."""
     root = root or project_root()
     params = load_params(params_file)
     check_study(params)
     if stage not in params or stage in OPTIONS:
         sections = sorted(set(params) - set(OPTIONS))
         raise ValueError(f"{params_file} has no section {stage!r}; its sections: {sections}")
-    parameters = params[stage] | (sets or {})
+    parameters = params[stage] | (sets or {}) | {name: value_at(params, path) for name, path in (takes or {}).items()}
     check_parameters(notebook_for(stage, root), parameters)
     if not params.get("allow_outside_project", False):
         check_outputs(parameters, root)
     return parameters
+
+
+def value_at(params: dict, path: str):
+    """The value at dotted ``path`` (``"study.seeds"``) of a params mapping; ValueError names the missing key."""
+    value, keys = params, path.split(".")
+    for depth, key in enumerate(keys):
+        if not isinstance(value, dict) or key not in value:
+            found = sorted(value) if isinstance(value, dict) else type(value).__name__
+            where = ".".join(keys[:depth]) or "the params file"
+            raise ValueError(f"--set-from names {path!r}, but {where} has no {key!r} ({found}); fix the path")
+        value = value[key]
+    return value
+
+
+def parse_takes(items: list[str]) -> dict:
+    """``["seeds=study.seeds"]`` -> ``{"seeds": "study.seeds"}``."""
+    parsed = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--set-from takes name=section.key, got {item!r}")
+        parsed[name] = path
+    return parsed
 
 
 def parse_sets(items: list[str]) -> dict:
@@ -143,12 +171,19 @@ def executed_name(stage_notebook: Path, sets: dict) -> str:
     return "-".join([stage_notebook.stem, *(re.sub(r"[^A-Za-z0-9._=-]", "_", str(v)) for v in values)])
 
 
-def run_stage(stage: str, params_file: str | Path, sets: dict | None = None, executed_dir: Path | None = None) -> Path:
-    """Execute the stage's notebook with its parameters (updated by ``sets``); returns the executed notebook."""
+def run_stage(
+    stage: str,
+    params_file: str | Path,
+    sets: dict | None = None,
+    executed_dir: Path | None = None,
+    takes: dict | None = None,
+) -> Path:
+    """Execute the stage's notebook with its parameters (updated by ``sets`` and ``takes``, as ``stage_parameters``
+    does); returns the executed notebook, named after ``sets``."""
     root = project_root()
     notebook = notebook_for(stage, root)
     sets = sets or {}
-    parameters = stage_parameters(params_file, stage, sets, root)
+    parameters = stage_parameters(params_file, stage, sets, root, takes)
     executed_dir = executed_dir or root / "reports" / "notebooks"
     executed_dir.mkdir(parents=True, exist_ok=True)
     name = executed_name(notebook, sets)
@@ -230,6 +265,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("stage", help="a stage (its notebook notebooks/NN_<stage>.ipynb), or 'pipeline'")
     parser.add_argument("--params", default="params/default.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override one parameter")
+    parser.add_argument(
+        "--set-from", action="append", default=[], metavar="NAME=SECTION.KEY", help="a parameter from the params file"
+    )
     parser.add_argument("--workdir", help="pipeline only: the folder to run the whole pipeline in")
     args = parser.parse_args(argv)
     if args.stage == "pipeline":
@@ -237,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("pipeline needs --workdir")
         run_pipeline(args.params, args.workdir)
     else:
-        run_stage(args.stage, args.params, parse_sets(args.set))
+        run_stage(args.stage, args.params, parse_sets(args.set), takes=parse_takes(args.set_from))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def final_validation(report_dir: str | Path) -> float:
 def choose(families: dict[str, list[str]], seeds: list[int], runs_root: str | Path) -> dict:
     """Per family: every candidate's validation accuracy per tuning seed and its mean, and the chosen one with
     the settings it trained with (``{"chosen", "settings", "candidates": {name: {"seeds": {seed: acc},
-    "mean"}}}``), read from the runs' reports ``runs_root/<candidate>-<seed>/`` (``validation.json``, and the
+    "mean"}}}``), read from the runs' reports ``runs_root/<candidate>/<seed>/`` (``validation.json``, and the
     settings in ``summary.json``)."""
     if not seeds:
         raise ValueError("tuning needs at least one seed")
@@ -44,10 +44,10 @@ def choose(families: dict[str, list[str]], seeds: list[int], runs_root: str | Pa
     for family, names in families.items():
         if not names or len(set(names)) != len(names):
             raise ValueError(f"tuning family {family!r} must list distinct candidates, got {names!r}")
-        scores = {n: {str(s): final_validation(Path(runs_root) / f"{n}-{s}") for s in seeds} for n in names}
+        scores = {n: {str(s): final_validation(Path(runs_root) / n / str(s)) for s in seeds} for n in names}
         means = {n: sum(v.values()) / len(v) for n, v in scores.items()}
         best = max(names, key=lambda n: (means[n], -names.index(n)))
-        settings = [json.loads((Path(runs_root) / f"{best}-{s}" / "summary.json").read_text())["group"] for s in seeds]
+        settings = [json.loads((Path(runs_root) / best / str(s) / "summary.json").read_text())["group"] for s in seeds]
         if any(x != settings[0] for x in settings):
             raise ValueError(f"the runs of candidate {best!r} trained with different settings: {settings}")
         if TUNED in settings[0]:

@@ -233,6 +233,6 @@ def test_paths_inside_the_project_and_input_paths_anywhere_are_accepted(tmp_path
 def test_the_executed_notebook_is_named_safely_after_the_set_values():
     notebook = notebook_for("data")
     assert executed_name(notebook, {"data_dir": "/x/y", "w": [0.5, 0.5]}) == "01_data-_x_y-_0.5__0.5_"
-    assert executed_name(notebook_for("train"), {"group": "G1", "seed": 0}) == "05_train-G1-0"
-    candidate = {"group": "C-lr1", "seed": 100, "out_root": "a/b"}  # an output path does not name it
-    assert executed_name(notebook_for("train"), candidate) == "05_train-C-lr1-100"
+    assert executed_name(notebook_for("latent"), {"arm": "kava-A"}) == "10_latent-kava-A"
+    candidate = {"group": "C-lr1", "out_root": "a/b"}  # an output path does not name it (nor do --set-from values)
+    assert executed_name(notebook_for("train"), candidate) == "05_train-C-lr1"

@@ -76,8 +76,8 @@ def test_plots_name_files_the_stages_write():
 
 
 def test_learning_curves_cover_the_study():
-    runs = {f"{g}-{s}" for g in [STUDY["control"], *STUDY["groups"]] for s in STUDY["seeds"]}
+    runs = {(g, str(s)) for g in [STUDY["control"], *STUDY["groups"]] for s in STUDY["seeds"]}
     for entry in DVC["plots"]:
         plot_id, props = next(iter(entry.items())) if isinstance(entry, dict) else (entry, None)
         if plot_id in ("learning_ce", "learning_val_accuracy"):
-            assert {Path(p).parent.name for p in props["y"]} == runs, plot_id
+            assert {Path(p).parent.parts[-2:] for p in props["y"]} == runs, plot_id

@@ -15,13 +15,14 @@ from accelerate.commands.launch import _validate_launch_command, launch_command_
 from accelerate.utils import FullyShardedDataParallelPlugin
 from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
 from accelerate.utils.launch import prepare_multi_gpu_env
+from safetensors.torch import load_file
 from tiny import tiny
 
 from kvlib import project_root
 from kvlib.config import load_params
 from kvlib.data import prepare_data
 from kvlib.distill import Distiller
-from kvlib.launch import check_launch, main, run_train
+from kvlib.launch import check_launch, main, run_train, train_group
 from kvlib.models import load_model
 from kvlib.teacher import train_teacher
 from kvlib.teacher_kv import extract_teacher_kv
@@ -143,7 +144,7 @@ def test_two_launched_processes_train_one_routed_student(stage, monkeypatch):
     summary = run_train(stage | {"launch": torchrun, "student": student}, "R", 3, progress=False)
     assert summary["finished"] and summary["seed"] == 3
     assert summary["examples_per_step"] == 2 * TRAIN["batch_size"]  # per process x processes
-    out = project_root() / stage["out_root"] / "R-3"
+    out = project_root() / stage["out_root"] / "R" / "3"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]  # one writer
     assert all({"ce", "kv", "entropy", "fusion_weights", "grad_share"} <= set(r) for r in rows)
@@ -156,8 +157,40 @@ def test_the_script_trains_the_group_named(stage, tmp_path):
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump({"train": stage}))
     main(["--params", str(params_file), "--group", "G0", "--seed", "1"])
-    summary = json.loads((project_root() / stage["out_root"] / "G0-1" / "summary.json").read_text())
+    summary = json.loads((project_root() / stage["out_root"] / "G0" / "1" / "summary.json").read_text())
     assert summary["finished"] and summary["teachers"] == [] and summary["examples_per_step"] == 4
+
+
+def test_seeds_trained_side_by_side_equal_the_same_seeds_trained_one_after_another(stage, tmp_path):
+    threads = torch.get_num_threads()
+    try:  # workers 1 trains here, setting this process's threads to the stage's
+        runs = {
+            workers: train_group(
+                stage | {"workers": workers, "out_root": str(tmp_path / str(workers))}, "R", [0, 1], False
+            )
+            for workers in (2, 1)
+        }
+    finally:
+        torch.set_num_threads(threads)
+    assert list(runs[2]) == [0, 1] and [s["seed"] for s in runs[2].values()] == [0, 1]
+    weights = {}
+    for workers in (2, 1):
+        for seed in (0, 1):
+            out = tmp_path / str(workers) / "R" / str(seed)
+            weights[workers, seed] = load_file(out / "model" / "model.safetensors")
+            rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            weights[workers, seed, "ce"] = [r["ce"] for r in rows]
+    for seed in (0, 1):  # one thread each: the same arithmetic in a worker process as here, bit for bit
+        assert weights[2, seed, "ce"] == weights[1, seed, "ce"]
+        assert all(torch.equal(w, weights[1, seed][k]) for k, w in weights[2, seed].items())
+    assert not torch.equal(weights[1, 0]["lm_head.weight"], weights[1, 1]["lm_head.weight"])  # two seeds, two students
+
+
+def test_bad_workers_and_a_failed_worker_are_named(stage):
+    with pytest.raises(ValueError, match=r"workers=0 must be an integer >= 1"):
+        train_group(stage | {"workers": 0}, "G0", [0, 1])
+    with pytest.raises(ValueError, match="group 'G9' is not among"):  # raised in a worker, re-raised here
+        train_group(stage | {"workers": 2}, "G9", [0, 1], False)
 
 
 def test_bad_launches_are_named(stage, tmp_path):

@@ -43,7 +43,7 @@ def test_the_study_agrees_with_every_stage(params):
     roles = [*every, *study["tuning"]["groups"], *study["secondary"]["groups"]]
     assert sorted(params["train"]["groups"]) == sorted(roles)
     assert params["evaluate"]["groups"] == every and params["evaluate"]["seeds"] == study["seeds"]
-    assert 0 in study["seeds"] and params["alignment"]["student_dir"] == f"artifacts/students/{study['control']}-0"
+    assert 0 in study["seeds"] and params["alignment"]["student_dir"] == f"artifacts/students/{study['control']}/0"
     assert list(params["report"]["plan"]["groups"]) == every + study["secondary"]["groups"]
     assert list(params["report"]["plan"]["contrasts"]) == list(params["statistics"]["primary"])
     assert params["alignment"]["teachers"] == study["teachers"] == list(params["teacher"]["teachers"])

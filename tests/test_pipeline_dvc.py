@@ -20,18 +20,29 @@ WORKDIR = ROOT / "build" / "smoke"
 
 def test_every_stage_ran_and_left_its_executed_notebook(smoke):
     study = smoke["study"]
-    runs = [f"{g}-{s}" for g in [study["control"], *study["groups"]] for s in study["seeds"]]
-    for part in ("tuning", "secondary"):
-        runs += [f"{g}-{s}" for g in study[part]["groups"] for s in study[part]["seeds"]]
+    groups = [study["control"], *study["groups"], *study["tuning"]["groups"], *study["secondary"]["groups"]]
     expected = ["01_data", "04_alignment", "05_tune", "06_evaluate", "07_statistics", "08_report", "09_benchmarks"]
     expected += [f"02_teacher-{t}" for t in study["teachers"]] + [f"03_teacher_kv-{t}" for t in study["teachers"]]
-    expected += [f"05_train-{r}" for r in runs]
+    expected += [f"05_train-{g}" for g in groups]  # one stage per group, its seeds side by side
     latent = study["latent"]  # its data stage (the data notebook at its max_operand) and one stage per arm
     expected += [f"01_data-{latent['max_operand']}"] + [f"10_latent-{a}" for a in latent["arms"]]
     executed = {p.stem for p in (WORKDIR / "reports" / "notebooks").glob("*.ipynb")}
     assert executed == set(expected)
     assert all((WORKDIR / "reports" / "notebooks" / f"{name}.html").exists() for name in expected)
     assert (WORKDIR / "params" / "accelerate" / "multi_gpu.yaml").exists()  # what a `train.launch` may name
+
+
+def test_every_seed_of_a_group_stage_has_its_own_student(smoke):
+    study = smoke["study"]
+    parts = [([study["control"], *study["groups"]], study["seeds"], "students", "students")]
+    parts += [(study["secondary"]["groups"], study["secondary"]["seeds"], "students", "students")]
+    parts += [(study["tuning"]["groups"], study["tuning"]["seeds"], "candidates", "tuning/runs")]
+    for groups, seeds, artifacts, reports in parts:
+        for g in groups:
+            for s in seeds:
+                summary = json.loads((WORKDIR / "reports" / reports / g / str(s) / "summary.json").read_text())
+                assert (summary["seed"], summary["finished"]) == (s, True), (g, s)
+                assert (WORKDIR / "artifacts" / artifacts / g / str(s) / "model").is_dir(), (g, s)
 
 
 def test_metrics_cover_every_evaluated_group_and_seed_and_every_contrast(smoke):

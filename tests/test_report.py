@@ -125,9 +125,9 @@ def write_study(root, stats=STATS) -> None:
     records = []
     for g, acc in stats["accuracy"].items():
         for s in acc["seeds"]:
-            (root / "students" / f"{g}-{s}").mkdir(parents=True)
+            (root / "students" / g / str(s)).mkdir(parents=True)
             lines = "".join(json.dumps(r) + "\n" for r in curve_rows(kv=g != "C"))
-            (root / "students" / f"{g}-{s}" / "learning_curve.jsonl").write_text(lines)
+            (root / "students" / g / str(s) / "learning_curve.jsonl").write_text(lines)
             records += [{"group": g, "seed": int(s), "id": i, "generated": f"{g} {i}"} for i in range(3)]
     (root / "evaluation").mkdir()
     (root / "evaluation" / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))

@@ -21,6 +21,7 @@ from kvlib.runner import (
     execute,
     notebook_for,
     parse_sets,
+    parse_takes,
     run_pipeline,
     run_stage,
     stage_parameters,
@@ -144,6 +145,30 @@ def test_missing_params_section_lists_the_sections(tmp_path):
 def test_unknown_parameter_is_rejected_before_running():
     with pytest.raises(ValueError, match=r"has no parameters \['sede'\]; it declares \[.*'seed'"):
         check_parameters(notebook_for("data"), {"sede": 1})
+
+
+def test_set_from_takes_a_list_from_the_params_file_and_names_a_missing_key():
+    params = load_params(ROOT / "params" / "default.yaml")
+    takes = parse_takes(["seeds=study.tuning.seeds"])
+    parameters = stage_parameters(ROOT / "params" / "default.yaml", "train", {"group": "S-lr1"}, takes=takes)
+    assert parameters == params["train"] | {"group": "S-lr1", "seeds": params["study"]["tuning"]["seeds"]}
+    with pytest.raises(ValueError, match=r"names 'study.tuning.seed', but study.tuning has no 'seed' \(\['groups'"):
+        stage_parameters(ROOT / "params" / "default.yaml", "train", takes={"seeds": "study.tuning.seed"})
+    with pytest.raises(ValueError, match="--set-from takes name=section.key, got 'seeds='"):
+        parse_takes(["seeds="])
+
+
+def test_a_value_a_stage_takes_from_the_params_is_among_its_dvc_params():
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    taken = 0
+    for stage in stages.values():
+        body = stage.get("do", stage)
+        cmd = body["cmd"].split()
+        for i in [i for i, word in enumerate(cmd) if word == "--set-from"]:
+            path = cmd[i + 1].partition("=")[2]
+            assert path in body["params"][0]["params/default.yaml"], (body["cmd"], path)  # a change re-runs it
+            taken += 1
+    assert taken >= 4  # the student stages take their seeds
 
 
 def test_sets_need_a_name_and_an_equals_sign():

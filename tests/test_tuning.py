@@ -23,7 +23,7 @@ GROUPS = {
 
 
 def write_run(root, name, seed, accuracies):
-    run = root / f"{name}-{seed}"
+    run = root / name / str(seed)
     run.mkdir(parents=True)
     rows = [{"step": 50 * (i + 1), "val_accuracy": a} for i, a in enumerate(accuracies)]
     (run / "validation.json").write_text(json.dumps(rows))
