@@ -163,10 +163,18 @@ def bounded(row: dict) -> bool:
     return -row["mde"] <= row["ci_low"] and row["ci_high"] <= row["mde"]
 
 
+def uninformative(row: dict) -> bool:
+    """Whether the MDE is 100 points or more: no accuracy difference could be detected (e.g. 2 seeds, whose
+    seed-inclusive t interval has 1 degree of freedom), and "the CI excludes effects larger than it" says nothing."""
+    return row["mde"] >= 1.0
+
+
 def verdict(row: dict, alpha: float, primary: bool) -> str:
     """``a > b`` / ``a < b`` when the contrast rejects, else "no difference detected" with its MDE."""
     if rejected(row, alpha, primary):
         return f"{row['a']} {'>' if row['diff'] > 0 else '<'} {row['b']}" + ("" if primary else " (uncorrected)")
+    if uninformative(row):
+        return f"no difference detected, nor detectable (MDE {100 * row['mde']:.1f} points, above 100)"
     excludes = "excludes" if bounded(row) else "does not exclude"
     return f"no difference detected (MDE {100 * row['mde']:.1f} points); the CI {excludes} effects larger than the MDE"
 
@@ -181,6 +189,11 @@ def answer_sentence(name: str, row: dict, description: str, alpha: float, correc
     )
     if row["reject"]:
         text += f" {a} is {'more' if row['diff'] > 0 else 'less'} accurate than {b} ({correction}, alpha = {alpha})."
+    elif uninformative(row):
+        text += (
+            f" No difference detected, and none could be: the MDE ({mde} points) is above the 100 points an accuracy "
+            "difference can reach, so with these seeds the seed-inclusive test says nothing either way."
+        )
     elif bounded(row) and row["mde"] <= MDE_BOUND:
         text += (
             f" No difference detected, and an informative null: the CI excludes effects larger than the MDE ({mde} "

@@ -221,6 +221,18 @@ def test_a_null_whose_ci_reaches_past_the_mde_is_not_called_informative():
     assert "but the MDE is above 2.5 points, so a difference of a few points is not ruled out." in text_of(coarse)
 
 
+def test_a_null_no_accuracy_difference_could_reject_is_called_so_not_bounded():
+    blind = with_primary("P2", ci_low=-0.72, ci_high=0.68, mde=2.876)  # 2 seeds: a t interval with 1 df
+    assert verdict(blind["primary"]["P2"], 0.05, True) == (
+        "no difference detected, nor detectable (MDE 287.6 points, above 100)"
+    )
+    text = text_of(blind)
+    assert "No difference detected, and none could be: the MDE (287.6 points) is above the 100 points" in text
+    assert "the CI excludes effects larger than the MDE (287.6" not in text
+    edge = with_primary("P2", ci_low=-0.5, ci_high=0.5, mde=0.999)  # just under 100 points: bounded, as before
+    assert verdict(edge["primary"]["P2"], 0.05, True).endswith("the CI excludes effects larger than the MDE")
+
+
 def test_the_answer_has_one_sentence_per_primary_contrast_made_from_its_numbers():
     answer = section(text_of(), "### 3.2 The answer", "**What this")
     p1, p2 = (line_of(answer, f"- **{n}**") for n in ("P1", "P2"))
