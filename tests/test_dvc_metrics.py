@@ -28,14 +28,9 @@ def _study(reference: str):
 def _expand(path: str, stage: dict) -> list[str]:
     """Concrete paths of a (possibly generated) stage's path, for the study in params/default.yaml."""
     paths = [path.replace("${study.control}", STUDY["control"])]
-    if "matrix" in stage:
-        groups, seeds = _study(stage["matrix"]["group"]), _study(stage["matrix"]["seed"])
-        paths = [
-            p.replace("${item.group}", g).replace("${item.seed}", str(s)) for p in paths for g in groups for s in seeds
-        ]
-    elif "foreach" in stage:
-        items = STUDY["seeds"] if "seeds" in stage["foreach"] else STUDY["teachers"]
-        paths = [p.replace("${item}", str(i)) for p in paths for i in items]
+    paths = [p.replace("${study.latent.max_operand}", str(STUDY["latent"]["max_operand"])) for p in paths]
+    if "foreach" in stage:  # a study list: teachers, a part's groups, the latent arms
+        paths = [p.replace("${item}", str(i)) for p in paths for i in _study(stage["foreach"])]
     return paths
 
 

@@ -337,8 +337,8 @@ def test_a_missing_statistics_file_is_named_with_the_stage_that_writes_it(tmp_pa
 
 def test_a_missing_learning_curve_is_named_with_the_train_stage(tmp_path):
     write_study(tmp_path)
-    (tmp_path / "students" / "X-1" / "learning_curve.jsonl").unlink()
-    with pytest.raises(ValueError, match=r"X-1/learning_curve.jsonl does not exist; run the train stage first"):
+    (tmp_path / "students" / "X" / "1" / "learning_curve.jsonl").unlink()
+    with pytest.raises(ValueError, match=r"X/1/learning_curve.jsonl does not exist; run the train stage first"):
         report(tmp_path)
 
 

@@ -50,7 +50,7 @@ def test_a_tie_goes_to_the_candidate_listed_first(tmp_path):
 
 def test_a_missing_candidate_run_is_named(tmp_path):
     write_run(tmp_path, "C-lr1", 100, [0.3])
-    with pytest.raises(ValueError, match=r"C-lr2-100/validation.json does not exist: train the candidate first"):
+    with pytest.raises(ValueError, match=r"C-lr2/100/validation.json does not exist: train the candidate first"):
         choose({"ce": ["C-lr1", "C-lr2"]}, [100], tmp_path)
 
 
