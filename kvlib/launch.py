@@ -12,10 +12,10 @@ that ``dvc repro`` scales out from the params alone. Relative paths are taken fr
 ``batch_size`` is per process: N processes train on N times as many examples per step.
 
 Without a launcher, ``train_group`` trains a group's seeds ``workers`` at a time in spawned processes of
-``threads`` threads each: on a 2-core machine two 1-thread processes side by side make ~1.6x the optimizer
-steps per second of one 2-thread process for the default student (measured in the latent stage, whose
-student has the same shape), and one stage per group instead of per seed saves a stage's ~19 s of
-start-up (DVC, kernel, HTML export) per seed.
+``threads`` threads each. One stage per group instead of per seed saves a stage's start-up (~19 s: DVC, kernel,
+HTML export) per seed. What two 1-thread processes side by side gain over one 2-thread process depends on the
+model: measured on 2 cores, 1.0-1.4x for the default student (250 steps: 35-47 s side by side against 22-26 s
+alone, CE only), and 1.6x for the latent student's KaVa steps.
 
 A launcher naming an accelerate ``--config_file`` is checked before it starts (``check_launch``): a GPU
 config (``GPU_TYPES``, not ``use_cpu`` or ``--cpu``) that starts more processes per machine
