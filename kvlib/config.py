@@ -278,13 +278,15 @@ class ModelConfig:
         return from_dict(cls, params)
 
 
-def _at(params: dict, path: str):
-    """The value at dotted ``path`` of a params mapping (``"train.groups"``); a ValueError names a missing step."""
-    value = params
-    for i, key in enumerate(path.split(".")):
+def value_at(params: dict, path: str, needed_by: str = "the study needs"):
+    """The value at dotted ``path`` of a params mapping (``"train.groups"``); a ValueError names the missing step,
+    who needs it (``needed_by``) and the keys found there."""
+    value, keys = params, path.split(".")
+    for depth, key in enumerate(keys):
         if not isinstance(value, dict) or key not in value:
-            where = ".".join(path.split(".")[:i]) or "the params file"
-            raise ValueError(f"the study needs {path}, but {where} has no {key!r}; add it")
+            found = sorted(value) if isinstance(value, dict) else type(value).__name__
+            where = ".".join(keys[:depth]) or "the params file"
+            raise ValueError(f"{needed_by} {path}, but {where} has no {key!r} (found: {found}); add it or fix the path")
         value = value[key]
     return value
 
@@ -359,25 +361,25 @@ def check_study(params: dict) -> None:
         )
     every = [control, *groups]
     for names, path in ((teachers, "teacher.teachers"), (roles, "train.groups")):
-        absent = [n for n in names if n not in _at(params, path)]
+        absent = [n for n in names if n not in value_at(params, path)]
         if absent:
             raise ValueError(
-                f"the study names {absent}, absent from {path} {sorted(_at(params, path))}; add them there or "
+                f"the study names {absent}, absent from {path} {sorted(value_at(params, path))}; add them there or "
                 "remove them from the study"
             )
-    train_groups = _at(params, "train.groups")
+    train_groups = value_at(params, "train.groups")
     paths = [f"train.groups.{g}.teachers" for g in roles if "teachers" in train_groups[g]] + ["alignment.teachers"]
     for path in paths:
-        extra = [t for t in _at(params, path) if t not in teachers]
+        extra = [t for t in value_at(params, path) if t not in teachers]
         if extra:
             raise ValueError(
                 f"{path} names {extra}, but study.teachers is {teachers}: no KV is extracted for them; add them there"
             )
-    families = _at(params, "tune.families")
+    families = value_at(params, "tune.families")
     listed = [n for names in families.values() for n in names]
-    if listed != candidates or _at(params, "tune.seeds") != tuning_seeds:
+    if listed != candidates or value_at(params, "tune.seeds") != tuning_seeds:
         raise ValueError(
-            f"tune.families list {listed} on seeds {_at(params, 'tune.seeds')}, but study.tuning has {candidates} "
+            f"tune.families list {listed} on seeds {value_at(params, 'tune.seeds')}, but study.tuning has {candidates} "
             f"on seeds {tuning_seeds}; list the same candidates, family by family, and the same seeds"
         )
     for g in roles:
@@ -397,12 +399,12 @@ def check_study(params: dict) -> None:
     }
     if secondary:
         expected["evaluate.secondary"] = {"groups": secondary, "seeds": secondary_seeds}
-    elif _at(params, "evaluate").get("secondary", {"groups": [], "seeds": []}) != {"groups": [], "seeds": []}:
+    elif value_at(params, "evaluate").get("secondary", {"groups": [], "seeds": []}) != {"groups": [], "seeds": []}:
         raise ValueError(
             "evaluate.secondary names runs but the study has no secondary; remove it or add study.secondary"
         )
     for path, want in expected.items():
-        got = _at(params, path)
+        got = value_at(params, path)
         if (list(got) if isinstance(got, dict) and path.startswith("report") else got) != want:
             raise ValueError(
                 f"{path} is {got!r} but the study makes it {want!r} (study.control, then study.groups, then "
@@ -410,7 +412,8 @@ def check_study(params: dict) -> None:
             )
     compared = set(every) | set(secondary)
     for kind in ("primary", "exploratory"):
-        contrasts = _at(params, "statistics.primary") if kind == "primary" else _at(params, "statistics").get(kind, {})
+        stats = value_at(params, "statistics")
+        contrasts = value_at(params, "statistics.primary") if kind == "primary" else stats.get(kind, {})
         bad = {
             k: v
             for k, v in contrasts.items()
@@ -421,9 +424,9 @@ def check_study(params: dict) -> None:
                 f"statistics.{kind} contrasts {bad} must each name two different groups of the study (arms or "
                 f"secondary: {sorted(compared)}) as [a, b] for a - b"
             )
-    if not 1 <= len(_at(params, "statistics.primary")) <= 4:
+    if not 1 <= len(value_at(params, "statistics.primary")) <= 4:
         raise ValueError(
-            f"statistics.primary has {len(_at(params, 'statistics.primary'))} contrasts; pre-register one to four "
+            f"statistics.primary has {len(value_at(params, 'statistics.primary'))} contrasts; pre-register one to four "
             "(Holm corrects over them), the rest are exploratory"
         )
     check_latent_study(params)
@@ -447,20 +450,20 @@ def check_latent_study(params: dict) -> None:
             "params paths); rename them"
         )
     for path in ("latent.arms", "latent.runs"):
-        absent = [n for n in arms if n not in _at(params, path)]
+        absent = [n for n in arms if n not in value_at(params, path)]
         if absent:
             raise ValueError(f"study.latent names arms {absent}, absent from {path}; add them there")
-    runs = _at(params, "latent.runs")
+    runs = value_at(params, "latent.runs")
     for n in arms:
         _names(runs[n], f"latent.runs.{n}", "integers")
-    teachers = _at(params, "study.teachers")
+    teachers = value_at(params, "study.teachers")
     for n in arms:
-        extra = [t for t in _at(params, "latent.arms")[n].get("teachers", []) if t not in teachers]
+        extra = [t for t in value_at(params, "latent.arms")[n].get("teachers", []) if t not in teachers]
         if extra:
             raise ValueError(
                 f"latent.arms.{n} names teachers {extra}, but study.teachers is {teachers}; add them there"
             )
-    stats = _at(params, "statistics.latent")
+    stats = value_at(params, "statistics.latent")
     want = {n: runs[n] for n in arms}
     if stats.get("runs") != want:
         raise ValueError(
@@ -479,7 +482,7 @@ def check_latent_study(params: dict) -> None:
             )
     if not 1 <= len(stats.get("primary", {})) <= 4:
         raise ValueError("statistics.latent.primary must pre-register one to four contrasts (Holm corrects over them)")
-    described = _at(params, "report.latent_plan.arms")
+    described = value_at(params, "report.latent_plan.arms")
     if sorted(described) != sorted(arms):
         raise ValueError(
             f"report.latent_plan.arms describes {sorted(described)} but the latent study runs {sorted(arms)}; "

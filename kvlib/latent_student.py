@@ -18,17 +18,14 @@ Every arm trains the same student (shape, tokenizer, ``train`` settings) for the
 test record per example holds ``correct`` and ``forward_passes`` (chain of thought: one per generated token,
 the prompt's pass giving the first; latent: the prompt, the thoughts, the end marker and one per answer token
 after the first, as ``LatentStudent.generate`` counts them). ``run_arm`` trains an arm's seeds in ``workers``
-processes side by side: on two CPU cores two processes of one thread each make 1.6x the steps per second of one
-process of two threads for this student (measured in issue #14's pilots).
+processes side by side (``kvlib.processes``).
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -53,6 +50,7 @@ from kvlib.latent import (
     load_latent,
 )
 from kvlib.layers import layer_map
+from kvlib.processes import side_by_side
 from kvlib.text import load_tokenizer, save_tokenizer
 from kvlib.train import train
 
@@ -266,15 +264,8 @@ def run_arm(seeds: list[int], workers: int, run_root, report_root, **kwargs) -> 
     """``run_seed`` for each of ``seeds`` (into ``run_root/<seed>`` and ``report_root/<seed>``), ``workers`` at a
     time in processes of their own (1: one after another in this process); seed -> summary. A failed seed raises
     once every started seed has ended."""
-    if workers < 1:
-        raise ValueError(f"workers={workers} must be >= 1")
     jobs = {
         s: kwargs | {"seed": s, "run_dir": Path(run_root) / str(s), "report_dir": Path(report_root) / str(s)}
         for s in seeds
     }
-    workers = min(workers, len(seeds))
-    if workers == 1:
-        return {s: run_seed(**job) for s, job in jobs.items()}
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {s: pool.submit(run_seed, **job) for s, job in jobs.items()}
-        return {s: f.result() for s, f in futures.items()}
+    return side_by_side(run_seed, jobs, workers)

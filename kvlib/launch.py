@@ -28,11 +28,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import shlex
 import subprocess
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -41,6 +39,7 @@ import yaml
 from kvlib import project_root
 from kvlib.config import load_params
 from kvlib.files import write_text
+from kvlib.processes import check_workers, side_by_side
 from kvlib.student import train_student
 from kvlib.tuning import resolve_group
 
@@ -135,14 +134,11 @@ def train_group(parameters: dict, group: str, seeds: list[int], progress: bool =
     (a worker's result does not depend on which seeds run beside it; 1 worker: one after another in this
     process, with progress bars). A failed seed raises once every seed has ended; the others keep their folders."""
     workers = parameters.get("workers", 1)
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-        raise ValueError(f"workers={workers!r} must be an integer >= 1 (processes training side by side)")
+    check_workers(workers)
     if parameters.get("launch") or min(workers, len(seeds)) == 1:
         return {s: run_train(parameters, group, s, progress) for s in seeds}
-    spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no fork of a kernel's threads
-    with ProcessPoolExecutor(min(workers, len(seeds)), mp_context=spawn) as pool:
-        futures = {s: pool.submit(train_here, parameters, group, s, False) for s in seeds}
-        return {s: f.result() for s, f in futures.items()}
+    jobs = {s: {"parameters": parameters, "group": group, "seed": s, "progress": False} for s in seeds}
+    return side_by_side(train_here, jobs, workers)
 
 
 def main(argv: list[str] | None = None) -> None:

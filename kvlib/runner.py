@@ -54,7 +54,7 @@ import nbformat
 import papermill
 
 from kvlib import project_root
-from kvlib.config import OPTIONS, check_study, describe, load_params, matches, parse_yaml
+from kvlib.config import OPTIONS, check_study, describe, load_params, matches, parse_yaml, value_at
 from kvlib.files import atomic_write, write_text
 
 OUTPUTS = ("out_dir", "out_root", "out_path", "report_dir", "report_root", "report_path")  # keys a stage writes to
@@ -123,23 +123,12 @@ def stage_parameters(
     if stage not in params or stage in OPTIONS:
         sections = sorted(set(params) - set(OPTIONS))
         raise ValueError(f"{params_file} has no section {stage!r}; its sections: {sections}")
-    parameters = params[stage] | (sets or {}) | {name: value_at(params, path) for name, path in (takes or {}).items()}
+    taken = {name: value_at(params, path, "--set-from names") for name, path in (takes or {}).items()}
+    parameters = params[stage] | (sets or {}) | taken
     check_parameters(notebook_for(stage, root), parameters)
     if not params.get("allow_outside_project", False):
         check_outputs(parameters, root)
     return parameters
-
-
-def value_at(params: dict, path: str):
-    """The value at dotted ``path`` (``"study.seeds"``) of a params mapping; ValueError names the missing key."""
-    value, keys = params, path.split(".")
-    for depth, key in enumerate(keys):
-        if not isinstance(value, dict) or key not in value:
-            found = sorted(value) if isinstance(value, dict) else type(value).__name__
-            where = ".".join(keys[:depth]) or "the params file"
-            raise ValueError(f"--set-from names {path!r}, but {where} has no {key!r} ({found}); fix the path")
-        value = value[key]
-    return value
 
 
 def parse_takes(items: list[str]) -> dict:

@@ -114,6 +114,7 @@ MARKED = {
     "distill.py": {"benchmarks", "latent"} | STUDENT,
     "student.py": STUDENT,
     "launch.py": STUDENT,
+    "processes.py": STUDENT | {"latent"},
     "tuning.py": STUDENT | {"tune"},
     "stats.py": {"statistics"},
     "contrasts.py": {"statistics"},

@@ -152,7 +152,9 @@ def test_set_from_takes_a_list_from_the_params_file_and_names_a_missing_key():
     takes = parse_takes(["seeds=study.tuning.seeds"])
     parameters = stage_parameters(ROOT / "params" / "default.yaml", "train", {"group": "S-lr1"}, takes=takes)
     assert parameters == params["train"] | {"group": "S-lr1", "seeds": params["study"]["tuning"]["seeds"]}
-    with pytest.raises(ValueError, match=r"names 'study.tuning.seed', but study.tuning has no 'seed' \(\['groups'"):
+    with pytest.raises(
+        ValueError, match=r"--set-from names study.tuning.seed, but study.tuning has no 'seed' \(found: \['groups"
+    ):
         stage_parameters(ROOT / "params" / "default.yaml", "train", takes={"seeds": "study.tuning.seed"})
     with pytest.raises(ValueError, match="--set-from takes name=section.key, got 'seeds='"):
         parse_takes(["seeds="])
