@@ -47,12 +47,13 @@ from kvlib.rope import unrotate_keys
 from kvlib.text import encode_batch
 
 
-def latent_batch(tokenizer, examples: list, teacher_tokenizers: tuple = ()) -> dict:
+def latent_batch(tokenizer, examples: list, index: list[int] | None = None) -> dict:
     """A latent student's batch: the prompts left-padded (``prompt_ids``, ``prompt_mask``: ``<bos>`` + the
     question, no ``<eos>``), the answers ``#### n`` + ``<eos>`` right-padded (``answer_ids``, ``answer_mask``),
     and the whole text with its written chain of thought for teacher mode, right-padded (``input_ids``,
     ``attention_mask``, ``segment_bounds`` (B, 4): the token cuts of prompt / reasoning / answer), ``task_ids``,
-    and ``teachers``: the same text encoded by each teacher's own tokenizer (for teachers of other families)."""
+    and with ``index`` the examples' numbers in the training set (``index`` (B,): the rows of the teachers' slot
+    tables, ``kvlib.slot_table``)."""
     text = encode_batch(tokenizer, [e.text for e in examples], [e.spans for e in examples])
     enc = encode_batch(tokenizer, [e.prompt for e in examples], add_eos=False, padding_side="left")
     answers = tokenizer([f"#### {e.answer}" for e in examples], add_special_tokens=False)["input_ids"]
@@ -60,7 +61,7 @@ def latent_batch(tokenizer, examples: list, teacher_tokenizers: tuple = ()) -> d
     answer_ids = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=tokenizer.pad_token_id)  # (B, Ta)
     lengths = torch.tensor([len(r) for r in rows])
     answer_mask = (torch.arange(answer_ids.shape[1]) < lengths[:, None]).long()  # (B, Ta)
-    return {
+    batch = {
         "prompt_ids": enc["input_ids"],
         "prompt_mask": enc["attention_mask"],
         "answer_ids": answer_ids,
@@ -69,10 +70,12 @@ def latent_batch(tokenizer, examples: list, teacher_tokenizers: tuple = ()) -> d
         "attention_mask": text["attention_mask"],
         "segment_bounds": text["segment_bounds"],
         "task_ids": torch.tensor([TASKS.index(e.task) for e in examples]),
-        "teachers": [
-            encode_batch(t, [e.text for e in examples], [e.spans for e in examples]) for t in teacher_tokenizers
-        ],
     }
+    if index is not None:
+        if len(index) != len(examples):
+            raise ValueError(f"index names {len(index)} examples but the batch has {len(examples)}")
+        batch["index"] = torch.tensor(index)
+    return batch
 
 
 class ThoughtProjection(nn.Module):
@@ -122,7 +125,8 @@ class LatentStudent(nn.Module):
         self._no_split_modules = getattr(model, "_no_split_modules", None)
 
     def _step(self, embeds: Tensor, mask: Tensor, positions: Tensor, cache=None):
-        """One forward pass of ``embeds`` (B, t, h) at ``positions`` (B, t) after ``cache``; mask (B, cached + t)."""
+        """One forward pass of ``embeds`` (B, t, h) at ``positions`` (B, t) after ``cache``; mask (B, cached + t).
+        Only the last position's logits are computed (B, 1, V): thoughts need none, decoding the last."""
         return self.student(
             inputs_embeds=embeds,
             attention_mask=mask,
@@ -130,23 +134,32 @@ class LatentStudent(nn.Module):
             cache=cache,
             use_cache=True,
             output_hidden_states=True,
+            logits_to_keep=1,
         )
 
-    def think(self, prompt_ids: Tensor, prompt_mask: Tensor) -> Thoughts:
-        """Read left-padded prompts (B, Tp) and the begin marker, then produce the M thoughts."""
-        if prompt_mask.shape != prompt_ids.shape or (prompt_mask[:, -1] == 0).any():
-            raise ValueError(
-                f"prompts must be left-padded (B, Tp) ids with a mask of the same shape whose last column is real, "
-                f"got ids {tuple(prompt_ids.shape)} and mask {tuple(prompt_mask.shape)}; encode them with "
-                "kvlib.text.encode_batch(..., add_eos=False, padding_side='left')"
-            )
+    def read_prompt(self, prompt_ids: Tensor, prompt_mask: Tensor):
+        """One forward pass over left-padded prompts (B, Tp) without the begin marker: the model's output (its
+        cache, logits and hidden states, with gradients), which ``think`` and ``teacher_mode`` both continue, so
+        that a training step reads each prompt once."""
+        _check_prompts(prompt_ids, prompt_mask)
+        positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)  # (B, Tp): real tokens counted from 0
+        return self._step(self.student.get_input_embeddings()(prompt_ids), prompt_mask, positions)
+
+    def think(self, prompt_ids: Tensor, prompt_mask: Tensor, prompt=None) -> Thoughts:
+        """Read left-padded prompts (B, Tp) and the begin marker, then produce the M thoughts. ``prompt``: the
+        prompts' pass already made (``read_prompt``), continued here by the begin marker (one pass more)."""
+        _check_prompts(prompt_ids, prompt_mask)
         B, M = prompt_ids.shape[0], self.num_thoughts
-        embeds = self.student.get_input_embeddings()(prompt_ids)  # (B, Tp, h)
-        embeds = torch.cat([embeds, self.bot.to(embeds.dtype).expand(B, 1, -1)], 1)  # (B, Tp + 1, h)
         mask = torch.cat([prompt_mask, prompt_mask.new_ones(B, 1)], 1)  # (B, Tp + 1)
-        positions = (mask.cumsum(1) - 1).clamp(min=0)  # (B, Tp + 1)
-        out = self._step(embeds, mask, positions)
-        h0, cache, last = out.hidden_states[-1][:, -1], out.cache, positions[:, -1:]  # (B, h), (B, 1)
+        last = prompt_mask.sum(1, keepdim=True)  # (B, 1): the begin marker's position
+        if prompt is None:
+            embeds = self.student.get_input_embeddings()(prompt_ids)  # (B, Tp, h)
+            embeds = torch.cat([embeds, self.bot.to(embeds.dtype).expand(B, 1, -1)], 1)  # (B, Tp + 1, h)
+            out = self._step(embeds, mask, (mask.cumsum(1) - 1).clamp(min=0))
+        else:
+            bot = self.bot.to(prompt.hidden_states[-1].dtype).expand(B, 1, -1)
+            out = self._step(bot, mask, last, _copy_cache(prompt.cache))
+        h0, cache, read = out.hidden_states[-1][:, -1], out.cache, 1 + (prompt is not None)  # (B, h)
         if self.passes == 0:
             hidden, inputs = [h0], []
             for i in range(M):  # each thought needs the one before it: inherently sequential, as decoding is
@@ -155,7 +168,7 @@ class LatentStudent(nn.Module):
                 out = self._step(inputs[-1][:, None], mask, last + 1 + i, cache)
                 cache = out.cache
                 hidden.append(out.hidden_states[-1][:, -1])
-            return Thoughts(cache, mask, last + 1 + M, torch.stack(inputs, 1), torch.stack(hidden[:-1], 1), M + 1)
+            return Thoughts(cache, mask, last + 1 + M, torch.stack(inputs, 1), torch.stack(hidden[:-1], 1), M + read)
         prompt_cache, thought_mask = cache, torch.cat([mask, mask.new_ones(B, M)], 1)  # (B, Tp + 1 + M)
         thought_positions = last + 1 + torch.arange(M, device=last.device)  # (B, M)
         hidden = h0[:, None].expand(B, M, -1)  # (B, M, h): pass 0's guess, every thought from the begin marker
@@ -163,15 +176,15 @@ class LatentStudent(nn.Module):
             used, inputs = hidden, self.project(hidden)  # (B, M, h) each
             out = self._step(inputs, thought_mask, thought_positions, _copy_cache(prompt_cache))
             hidden = torch.cat([h0[:, None], out.hidden_states[-1][:, :-1]], 1)  # (B, M, h): shifted by one
-        return Thoughts(out.cache, thought_mask, last + 1 + M, inputs, used, self.passes + 1)
+        return Thoughts(out.cache, thought_mask, last + 1 + M, inputs, used, self.passes + read)
 
-    def forward(self, batch: dict) -> dict[str, Tensor]:
+    def forward(self, batch: dict, prompt=None) -> dict[str, Tensor]:
         """Loss terms on a latent batch (``latent_batch``): ``ce`` of the answer tokens after the thoughts and the
         end marker, ``loss`` (= ce; the distillation terms are weighted by the caller), ``hidden`` the hidden
         states before the first answer token (L + 1 of (B, h): embeddings, then each layer) and ``kv`` the
         student's K and V at the thought positions (L pairs of (B, H, M, D), post-RoPE, at ``kv_positions``
-        (B, M))."""
-        t = self.think(batch["prompt_ids"], batch["prompt_mask"])
+        (B, M)). ``prompt``: the prompts' pass already made (``read_prompt``)."""
+        t = self.think(batch["prompt_ids"], batch["prompt_mask"], prompt)
         answer_ids, answer_mask = batch["answer_ids"], batch["answer_mask"]  # (B, Ta) right-padded
         B, Ta = answer_ids.shape
         embeds = self.student.get_input_embeddings()(answer_ids)  # (B, Ta, h)
@@ -275,6 +288,15 @@ def load_latent(directory) -> LatentStudent:
     return latent
 
 
+def _check_prompts(prompt_ids: Tensor, prompt_mask: Tensor) -> None:
+    if prompt_mask.shape != prompt_ids.shape or (prompt_mask[:, -1] == 0).any():
+        raise ValueError(
+            f"prompts must be left-padded (B, Tp) ids with a mask of the same shape whose last column is real, "
+            f"got ids {tuple(prompt_ids.shape)} and mask {tuple(prompt_mask.shape)}; encode them with "
+            "kvlib.text.encode_batch(..., add_eos=False, padding_side='left')"
+        )
+
+
 def _copy_cache(cache):
     """A copy of a ``DynamicCache`` that can be extended without changing ``cache``: its layers' ``update``
     concatenates into new tensors, so copying the layer objects is enough (each Jacobi pass starts from the
@@ -307,16 +329,22 @@ def cot_slots(model, batch: dict, budget: int, rule: str = "rkv", lam: float = 0
     return select_cot_slots(kv, attn, bounds, budget, model.config, rule, lam, shared)
 
 
-def select_cot_slots(kv, attn, bounds: Tensor, budget: int, config, rule="rkv", lam=0.1, shared=False) -> dict:
+def select_cot_slots(
+    kv, attn, bounds: Tensor, budget: int, config, rule="rkv", lam=0.1, shared=False, start: Tensor | None = None
+) -> dict:
     """``cot_slots`` from a pass already made: the cache ``kv`` (L pairs of (B, H, T, D), post-RoPE) and attention
-    weights ``attn`` (L of (B, Hq, T, T)) of a model with ``config`` over the text cut by ``bounds`` (B, 4)."""
+    weights ``attn`` (L of (B, Hq, T, T)) of a model with ``config`` over the text cut by ``bounds`` (B, 4), its
+    first token at position ``start`` (B,) (0 when not given: the whole text was read; ``teacher_mode``'s pass
+    over the chain after a shared prompt starts later), which ``positions`` then count from."""
     kv = [(k.detach(), v.detach()) for k, v in kv]
-    attn = [a.detach() for a in attn]
+    attn = None if attn is None else [a.detach() for a in attn]  # the crop rule reads none
     T = kv[0][0].shape[2]
     pos = torch.arange(T, device=bounds.device)
     cot = (pos >= bounds[:, 1:2]) & (pos < bounds[:, 2:3])  # (B, T): the reasoning tokens, the eligible keys
     answer = (pos >= bounds[:, 2:3]) & (pos < bounds[:, 3:4])  # (B, T): the observers
     positions = pos.expand(bounds.shape[0], T)  # (B, T): right padding, so positions are the indices
+    if start is not None:
+        positions = positions + start[:, None]
     H = kv[0][0].shape[1]
     if rule == "rkv":
         scores = torch.stack(
@@ -332,36 +360,79 @@ def select_cot_slots(kv, attn, bounds: Tensor, budget: int, config, rule="rkv", 
         pre = unrotate_keys(k, positions, config)  # (B, H, T, D)
         slots.append((gather_slots(pre, where), gather_slots(v, where)))
     where, kept = (torch.stack(x) for x in zip(*chosen))  # (L, B, H, M) each
+    if start is not None:
+        where = where + start[None, :, None, None]
     return {"kv": slots, "kept": kept, "positions": where}
 
 
 RULES = ("rkv", "crop")
 
 
-def teacher_mode(model, batch: dict, cache: bool = False) -> dict[str, Tensor]:
+def teacher_mode(model, batch: dict, cache: bool = False, prompt=None, attention: bool = True) -> dict:
     """The same network reading the written chain of thought: ``ce`` of every reasoning and answer token (the
     self-distilled teacher is trained too) and ``hidden`` (L + 1 of (B, h)) at the last token before the answer,
     the position whose hidden state CODI matches with the student's before-answer one. With ``cache`` the pass
-    runs under eager attention and also returns its ``kv`` (L pairs of (B, H, T, D)) and ``attn`` (L of
-    (B, Hq, T, T)), so that ``select_cot_slots`` takes the self-distillation targets from this one pass."""
+    also returns its ``kv`` (L pairs of (B, H, T, D)) and, with ``attention`` (under eager attention), ``attn``
+    (L of (B, Hq, T, T)) over the tokens it read, with their ``bounds`` (B, 4) and the position of the first one,
+    ``start`` (B,), so that ``select_cot_slots`` takes the self-distillation targets from this one pass (the crop
+    rule needs no attention).
+
+    ``prompt``: the student's pass over the batch's left-padded prompts (``LatentStudent.read_prompt``). Where
+    the text's prompt tokens are those prompts, the chain and the answer continue that pass (a causal model
+    computes the same prompt states either way, so only the reading is shared); ``kv``, ``attn`` and ``bounds``
+    then cover the chain and the answer. Otherwise (no ``prompt``, or a tokenizer that merges a token across the
+    prompt's end) the whole text is read."""
     ids, mask, bounds = batch["input_ids"], batch["attention_mask"], batch["segment_bounds"]
-    if cache:
-        with eager_attention(model):
-            out = model(
-                input_ids=ids, attention_mask=mask, use_cache=True, output_hidden_states=True, output_attentions=True
-            )
-    else:
-        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
     B, T = ids.shape
-    pos = torch.arange(1, T, device=ids.device)  # the positions of the predicted tokens
-    target = (pos >= bounds[:, 1:2]) & (pos < bounds[:, 3:4])  # (B, T - 1): reasoning and answer tokens
-    ce = F.cross_entropy(out.logits[:, :-1][target].float(), ids[:, 1:][target])
-    before = (bounds[:, 2] - 1).clamp(min=0)  # (B,) the last reasoning token
-    hidden = [h[torch.arange(B), before] for h in out.hidden_states]
+    shared = prompt is not None and _prompt_is_prefix(batch)
+    if shared:  # the chain and the answer (B, Tc), right-padded, after the prompt's cache
+        prompt_mask = batch["prompt_mask"]
+        length = bounds[:, 3] - bounds[:, 1]  # (B,)
+        span = torch.arange(int(length.max()), device=ids.device)  # (Tc,)
+        real = span < length[:, None]  # (B, Tc)
+        ids = ids.gather(1, (bounds[:, 1:2] + span).clamp(max=T - 1)).masked_fill(~real, 0)  # (B, Tc)
+        zero = torch.zeros_like(length)
+        start, bounds = bounds[:, 1], torch.stack([zero, zero, bounds[:, 2] - bounds[:, 1], length], 1)
+        inputs = {
+            "input_ids": ids,
+            "attention_mask": torch.cat([prompt_mask, real.long()], 1),
+            "position_ids": start[:, None] + span,
+            "cache": _copy_cache(prompt.cache),
+        }
+    else:
+        start, inputs = torch.zeros_like(bounds[:, 0]), {"input_ids": ids, "attention_mask": mask}
+    if cache and attention:
+        with eager_attention(model):
+            out = model(**inputs, use_cache=True, output_hidden_states=True, output_attentions=True)
+    else:
+        out = model(**inputs, use_cache=cache or shared, output_hidden_states=True)
+    # logits[:, j] predicts token j + 1 of what was read; with the prompt shared, its last logits predict token 0
+    logits, hidden = out.logits, list(out.hidden_states)
+    if shared:
+        logits = torch.cat([prompt.logits[:, -1:], logits], 1)  # (B, 1 + Tc, V)
+        hidden = [torch.cat([p[:, -1:], h], 1) for p, h in zip(prompt.hidden_states, hidden)]  # (B, 1 + Tc, h)
+    n = ids.shape[1]
+    pos = torch.arange(1 - shared, n, device=ids.device)  # the positions of the predicted tokens
+    target = (pos >= bounds[:, 1:2]) & (pos < bounds[:, 3:4])  # reasoning and answer tokens
+    ce = F.cross_entropy(logits[:, : len(pos)][target].float(), ids[:, pos][target])
+    before = (bounds[:, 2] - 1 + shared).clamp(min=0)  # (B,) the last reasoning token (or the prompt's last)
+    hidden = [h[torch.arange(B), before] for h in hidden]
     if not cache:
         return {"ce": ce, "hidden": hidden}
-    kv = [(layer.keys, layer.values) for layer in out.cache.layers]
-    return {"ce": ce, "hidden": hidden, "kv": kv, "attn": list(out.attentions)}
+    kv = [(layer.keys[:, :, -n:], layer.values[:, :, -n:]) for layer in out.cache.layers]
+    attn = [a[..., -n:] for a in out.attentions] if attention else None
+    return {"ce": ce, "hidden": hidden, "kv": kv, "attn": attn, "bounds": bounds, "start": start}
+
+
+def _prompt_is_prefix(batch: dict) -> bool:
+    """Whether each text's first ``segment_bounds[:, 1]`` tokens are its left-padded prompt's real tokens."""
+    prompt_ids, prompt_mask, bounds = batch["prompt_ids"], batch["prompt_mask"], batch["segment_bounds"]
+    if not torch.equal(prompt_mask.sum(1), bounds[:, 1]):
+        return False
+    Tp = prompt_ids.shape[1]
+    at = (torch.arange(Tp, device=prompt_ids.device) - (Tp - bounds[:, 1:2])).clamp(min=0)  # (B, Tp)
+    text = batch["input_ids"].gather(1, at.clamp(max=batch["input_ids"].shape[1] - 1))
+    return bool(((text == prompt_ids) | (prompt_mask == 0)).all())
 
 
 def codi_loss(student_hidden: list[Tensor], teacher_hidden: list[Tensor]) -> Tensor:
@@ -410,11 +481,12 @@ class LatentDistiller(nn.Module):
     ``forward(batch)`` (a ``latent_batch``) returns the terms ``kvlib.train.train`` logs and weighs: ``ce`` (the
     answer after the thoughts), ``teacher_ce`` (the student network in teacher mode on the chain of thought and
     the answer), ``codi`` (``codi_loss`` between the two modes) and ``kv`` (``thought_kv_loss``), and ``loss``,
-    their sum with ``weights`` (name -> weight; CE has weight 1). The KV targets are stop-gradient: without
-    ``teachers`` the teacher mode's own ``cot_slots``; with them each teacher's shared ``cot_slots`` of its own
-    encoding of the text (``batch["teachers"]``), through its ``SlotAligner`` (trained here) and, for several, a
-    ``kvlib.fusion`` module over the M slots (the router reads the thoughts' last hidden states; the attention
-    kind, which needs the student's queries, is refused). Teachers are frozen and not part of this module.
+    their sum with ``weights`` (name -> weight; CE has weight 1). The student mode and the teacher mode continue
+    one pass over the prompts (``LatentStudent.read_prompt``). The KV targets are stop-gradient: without
+    ``teachers`` the teacher mode's own ``cot_slots``; with them each teacher's shared ``cot_slots``, looked up in
+    its ``kvlib.slot_table.SlotTable`` by the batch's example ``index``, through its ``SlotAligner`` (trained
+    here) and, for several, a ``kvlib.fusion`` module over the M slots (the router reads the thoughts' last
+    hidden states; the attention kind, which needs the student's queries, is refused).
     """
 
     def __init__(
@@ -443,27 +515,21 @@ class LatentDistiller(nn.Module):
                 "attention fusion needs the student's queries, which thoughts do not have; use another kind"
             )
         self.student, self.weights, self.rule, self.kind = latent, dict(weights), rule, kind
-        self.teachers = list(teachers)  # a plain list: frozen, not trained and not saved with the student
-        for t in self.teachers:
-            t.requires_grad_(False).eval()
+        self.teachers = list(teachers)  # slot tables: plain tensors, not trained and not saved with the student
         self.aligners, self.fusion = nn.ModuleList(aligners), fusion
         self._no_split_modules = latent._no_split_modules
-
-    def _apply(self, fn, recurse=True):
-        """``.to(device)`` and dtype casts reach the frozen teachers too, which stay out of the state dict."""
-        for t in self.teachers:
-            t._apply(fn, recurse)
-        return super()._apply(fn, recurse)
 
     def targets(self, s: dict, batch: dict, teacher: dict) -> dict:
         """The KV targets of the student's thoughts ``s`` (``LatentStudent.forward``): L pairs and (L, B, H, M);
         ``teacher``: the teacher mode's pass (``teacher_mode(..., cache=True)`` for self-distillation)."""
         model, M = self.student.student, self.student.num_thoughts
         if not self.teachers:
-            return select_cot_slots(teacher["kv"], teacher["attn"], batch["segment_bounds"], M, model.config, self.rule)
+            kv, attn, bounds, start = (teacher[k] for k in ("kv", "attn", "bounds", "start"))
+            return select_cot_slots(kv, attn, bounds, M, model.config, self.rule, start=start)
+        if "index" not in batch:
+            raise ValueError("teachers' slot tables are read by example: the batch needs its examples' 'index' (B,)")
         aligned = [
-            aligner(cot_slots(t, enc, M, self.rule, shared=True))
-            for t, aligner, enc in zip(self.teachers, self.aligners, batch["teachers"])
+            aligner(table(batch["index"])) for table, aligner in zip(self.teachers, self.aligners)
         ]  # per teacher: Ls pairs of (B, Hs, M, Ds) and (B, M)
         if self.fusion is None:
             targets, kept = aligned[0]
@@ -488,11 +554,12 @@ class LatentDistiller(nn.Module):
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         model = self.student.student
-        s = self.student(batch)
-        kv = self.weights.get("kv", 0) > 0
-        teacher = teacher_mode(model, batch, cache=kv and not self.teachers)  # one pass for CE, CODI and own slots
+        prompt = self.student.read_prompt(batch["prompt_ids"], batch["prompt_mask"])
+        s = self.student(batch, prompt)
+        own = self.weights.get("kv", 0) > 0 and not self.teachers  # self-distillation: the slots of this pass
+        teacher = teacher_mode(model, batch, cache=own, prompt=prompt, attention=self.rule == "rkv")
         terms = {"ce": s["ce"], "teacher_ce": teacher["ce"], "codi": codi_loss(s["hidden"], teacher["hidden"])}
-        if kv:
+        if self.weights.get("kv", 0) > 0:
             terms["kv"] = thought_kv_loss(s, self.targets(s, batch, teacher), model.config, self.kind)
         terms["loss"] = terms["ce"] + sum(w * terms[n] for n, w in self.weights.items() if n in terms)
         return terms

@@ -51,6 +51,7 @@ from kvlib.latent import (
 )
 from kvlib.layers import layer_map
 from kvlib.processes import side_by_side
+from kvlib.slot_table import SlotTable
 from kvlib.text import load_tokenizer, save_tokenizer
 from kvlib.train import train
 
@@ -104,18 +105,31 @@ def without_chain(examples: list[Example]) -> list[Example]:
     return [replace(e, reasoning="") for e in examples]
 
 
-def _aligned_teachers(arm: LatentArm, teacher_root: str | Path, model) -> tuple[list, list, list]:
-    """The arm's trained teachers (frozen models), their tokenizers and a ``SlotAligner`` each onto ``model``."""
-    spec_s = kv_spec(model.config)
-    teachers, tokenizers, aligners = [], [], []
+def training_examples(splits: dict, split: str, train_examples: int = 0) -> list[Example]:
+    """The first ``train_examples`` (0: all) problems of ``split``, the ones an arm trains on."""
+    if split not in splits:
+        raise ValueError(f"latent split {split!r} is not one of the data splits {sorted(splits)}")
+    if train_examples > len(splits[split]):
+        raise ValueError(
+            f"train_examples={train_examples} but split {split!r} has {len(splits[split])}; lower it or raise "
+            f"data.sizes.{split}"
+        )
+    return splits[split][: train_examples or None]
+
+
+def teacher_tables(arm: LatentArm, teacher_root, examples: list[Example], num_thoughts: int, slots_dir) -> list:
+    """Per teacher of the arm, its slot table over ``examples`` (``kvlib.slot_table.SlotTable``, kept in
+    ``slots_dir/<teacher>.safetensors``: read when computed from the same inputs, else computed there) and its
+    ``KVSpec``."""
+    if arm.teachers and teacher_root is None:
+        raise ValueError(f"the arm names teachers {arm.teachers}: pass teacher_root, the teacher stage's folder")
+    tables = []
     for name in arm.teachers:
         teacher, tokenizer = load_trained(Path(teacher_root) / name)  # a clear error when it was not trained
-        spec_t = kv_spec(teacher.config)
-        lmap = layer_map(spec_t.num_layers, spec_s.num_layers, arm.layer_map)
-        teachers.append(teacher)
-        tokenizers.append(tokenizer)
-        aligners.append(SlotAligner(spec_t, spec_s, lmap, arm.projector))
-    return teachers, tokenizers, aligners
+        path = Path(slots_dir) / f"{name}.safetensors"
+        table = SlotTable.build(path, teacher.eval(), tokenizer, examples, num_thoughts, arm.rule)
+        tables.append((table, kv_spec(teacher.config)))
+    return tables
 
 
 def _fusion(arm: LatentArm, model):
@@ -139,38 +153,37 @@ def train_latent(
     split: str = "teacher_train",
     train_examples: int = 0,
     teacher_root: str | Path | None = None,
+    slots_dir: str | Path | None = None,
     progress: bool = True,
 ) -> dict:
     """Train one arm (``arm``: a ``LatentArm`` mapping) with seed ``seed`` on the first ``train_examples`` (0: all)
     problems of ``split``; returns the training summary. ``params``: the student (``ModelConfig``: shape,
     tokenizer with its fixed ``corpus``, ``train``, ``max_new_tokens``); ``num_thoughts``/``passes``: the latent
-    student's M and Jacobi passes (0: sequential)."""
+    student's M and Jacobi passes (0: sequential); ``slots_dir``: where the teachers' slot tables are kept
+    (``teacher_tables``; default ``out_dir/teacher_slots``)."""
     a = LatentArm.from_params(arm)
     cfg = ModelConfig.from_params(params)
     if cfg.train is None:
         raise ValueError("a latent student needs a train section")
     splits = load_splits(data_dir)
-    if split not in splits:
-        raise ValueError(f"latent split {split!r} is not one of the data splits {sorted(splits)}")
-    examples = splits[split][: train_examples or None]
-    if train_examples > len(splits[split]):
-        raise ValueError(
-            f"train_examples={train_examples} but split {split!r} has {len(splits[split])}; lower it or raise "
-            f"data.sizes.{split}"
-        )
+    examples = training_examples(splits, split, train_examples)
     model, tokenizer = build(cfg, tokenizer_corpus(cfg, splits, split), seed)
     train_cfg = from_dict(type(cfg.train), {**vars(cfg.train), "seed": seed})
     validating = splits["validation"]
     if a.mode == "latent":
-        if a.teachers and teacher_root is None:
-            raise ValueError(f"the arm names teachers {a.teachers}: pass teacher_root, the teacher stage's folder")
         torch.manual_seed(seed)  # the projection and the markers, like the model, from the run's seed
         latent = LatentStudent(model, num_thoughts, passes)
-        teachers, tokenizers, aligners = _aligned_teachers(a, teacher_root, model) if a.teachers else ([], [], [])
+        tables = teacher_tables(a, teacher_root, examples, num_thoughts, slots_dir or Path(out_dir) / "teacher_slots")
+        spec_s = kv_spec(model.config)
+        aligners = [
+            SlotAligner(spec, spec_s, layer_map(spec.num_layers, spec_s.num_layers, a.layer_map), a.projector)
+            for _, spec in tables
+        ]
+        teachers = [table for table, _ in tables]
         distiller = LatentDistiller(latent, a.weights, a.rule, a.loss, teachers, aligners, _fusion(a, model))
 
         def collate(idx):
-            return latent_batch(tokenizer, [examples[i] for i in idx], tuple(tokenizers))
+            return latent_batch(tokenizer, [examples[i] for i in idx], list(idx))
 
         def validate():
             return {"accuracy": evaluate_latent(latent, tokenizer, validating, cfg.max_new_tokens)[1]["accuracy"]}
@@ -241,6 +254,7 @@ def run_seed(
     settings: dict,
     data_dir,
     teacher_root,
+    slots_dir,
     run_dir,
     report_dir,
     threads: int,
@@ -250,7 +264,9 @@ def run_seed(
     split, its records to ``run_dir/predictions.jsonl``; the summary and learning curve to ``report_dir``."""
     torch.set_num_threads(threads)
     run, report = Path(run_dir), Path(report_dir)
-    summary = train_latent(params, arm, seed, data_dir, run, teacher_root=teacher_root, progress=False, **settings)
+    summary = train_latent(
+        params, arm, seed, data_dir, run, teacher_root=teacher_root, slots_dir=slots_dir, progress=False, **settings
+    )
     test = load_splits(data_dir)["test"]
     records, scores = evaluate_arm(run, arm["mode"], test, ModelConfig.from_params(params).max_new_tokens)
     write_records(run / "predictions.jsonl", records, name, seed)
@@ -263,7 +279,14 @@ def run_seed(
 def run_arm(seeds: list[int], workers: int, run_root, report_root, **kwargs) -> dict[int, dict]:
     """``run_seed`` for each of ``seeds`` (into ``run_root/<seed>`` and ``report_root/<seed>``), ``workers`` at a
     time in processes of their own (1: one after another in this process); seed -> summary. A failed seed raises
-    once every started seed has ended."""
+    once every started seed has ended. The teachers' slot tables (``teacher_tables``) are computed first, once, in
+    this process (torch's own thread count), into ``run_root/teacher_slots``, where every seed reads them."""
+    slots_dir = Path(run_root) / "teacher_slots"
+    arm, settings = LatentArm.from_params(kwargs["arm"]), kwargs["settings"]
+    if arm.teachers:
+        examples = training_examples(load_splits(kwargs["data_dir"]), settings["split"], settings["train_examples"])
+        teacher_tables(arm, kwargs["teacher_root"], examples, settings["num_thoughts"], slots_dir)
+    kwargs |= {"slots_dir": slots_dir}
     jobs = {
         s: kwargs | {"seed": s, "run_dir": Path(run_root) / str(s), "report_dir": Path(report_root) / str(s)}
         for s in seeds

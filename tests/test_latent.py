@@ -175,6 +175,48 @@ def test_self_distillation_takes_its_slots_from_the_teacher_mode_pass_it_trains(
             assert torch.equal(k, kw) and torch.equal(v, vw) and not k.requires_grad
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_both_modes_continuing_one_prompt_pass_compute_what_reading_it_twice_does(family):
+    """The student and teacher modes of a training step continue one pass over the prompts: a causal model's
+    prompt states do not depend on what follows, so the answer CE, the thoughts' KV, the teacher CE, CODI's states
+    and the self-distillation slots are those of reading the whole text. Both compute the same sums grouped
+    otherwise (keys from a cache, other padding), so float32's rounding is the tolerance; the slots are the same
+    tokens. A prompt that is not the text's prefix falls back to reading the whole text."""
+    from kvlib.latent import select_cot_slots, teacher_mode
+
+    s, b, M = student(family), batch(3), 4  # eval mode: no dropout (GPT-2), gradients still flow
+    model = s.student
+    prompt = s.read_prompt(b["prompt_ids"], b["prompt_mask"])
+    alone, shared_s = s(b), s(b, prompt)
+    torch.testing.assert_close(shared_s["ce"], alone["ce"])
+    for (k, v), (kw, vw) in zip(shared_s["kv"], alone["kv"]):
+        torch.testing.assert_close(k, kw)
+        torch.testing.assert_close(v, vw)
+    whole = teacher_mode(model, b, cache=True)
+    shared = teacher_mode(model, b, cache=True, prompt=prompt)
+    assert torch.equal(shared["start"], b["segment_bounds"][:, 1])  # the prompt was shared, not read again
+    torch.testing.assert_close(shared["ce"], whole["ce"])
+    direct = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True)
+    last = b["segment_bounds"][:, 2] - 1  # CODI's position: the last reasoning token
+    for h, w, d in zip(shared["hidden"], whole["hidden"], direct.hidden_states):
+        torch.testing.assert_close(h, w)
+        torch.testing.assert_close(h, d[torch.arange(3), last])
+    for rule in ("rkv", "crop"):
+        got = select_cot_slots(
+            shared["kv"], shared["attn"], shared["bounds"], M, model.config, rule, start=shared["start"]
+        )
+        want = select_cot_slots(whole["kv"], whole["attn"], whole["bounds"], M, model.config, rule)
+        assert torch.equal(got["positions"], want["positions"]) and torch.equal(got["kept"], want["kept"])
+        for (k, v), (kw, vw) in zip(got["kv"], want["kv"]):
+            torch.testing.assert_close(k, kw)
+            torch.testing.assert_close(v, vw)
+    shared["ce"].backward()
+    assert s.student.get_input_embeddings().weight.grad.abs().sum() > 0
+    other = dict(b, prompt_ids=b["prompt_ids"].roll(1, 0))  # another example's prompt: not this text's prefix
+    fallback = teacher_mode(model, other, prompt=s.read_prompt(other["prompt_ids"], other["prompt_mask"]))
+    torch.testing.assert_close(fallback["ce"], teacher_mode(model, b)["ce"])
+
+
 def test_codi_loss_closed_form():
     t = [torch.tensor([[0.0, 2.0], [2.0, 0.0]])]  # std (ddof 1) over the 4 values: sqrt(4/3)
     s = [torch.tensor([[1.0, 2.0], [2.0, 1.0]])]  # |s - t| = 1, 0, 0, 1: mean 0.5
@@ -234,8 +276,21 @@ def qwen_teacher(seed=1):
     return ModelShape("qwen2", 3, 4, 2, 16, 64).build(len(TEACHER_TOKENIZER), seed=seed).eval()
 
 
-def cross_batch(n=3, teachers=1):
-    return latent_batch(TOKENIZER, EXAMPLES[:n], (TEACHER_TOKENIZER,) * teachers)
+def teacher_text(n=3):
+    """The first n examples as the teacher reads them: its own tokenizer, right-padded, with segment bounds."""
+    from kvlib.text import encode_batch
+
+    return encode_batch(TEACHER_TOKENIZER, [e.text for e in EXAMPLES[:n]], [e.spans for e in EXAMPLES[:n]])
+
+
+def table_of(teacher, M=3):
+    from kvlib.slot_table import SlotTable
+
+    return SlotTable.compute(teacher, TEACHER_TOKENIZER, EXAMPLES, M, batch_size=4)
+
+
+def indexed_batch(n=3):
+    return latent_batch(TOKENIZER, EXAMPLES[:n], list(range(n)))
 
 
 def aligner_for(teacher, latent, seed=0):
@@ -245,18 +300,17 @@ def aligner_for(teacher, latent, seed=0):
 
 
 def test_shared_slots_hold_one_teacher_token_in_every_layer_and_head():
-    b = cross_batch()["teachers"][0]
-    out = cot_slots(qwen_teacher(), b, 4, "rkv", shared=True)
+    out = cot_slots(qwen_teacher(), teacher_text(), 4, "rkv", shared=True)
     assert (out["positions"] == out["positions"][:1, :, :1]).all()  # the same tokens for all layers and heads
     assert (out["positions"].diff(dim=-1) > 0).all()  # in time order
-    own = cot_slots(qwen_teacher(), b, 4, "rkv")["positions"]
+    own = cot_slots(qwen_teacher(), teacher_text(), 4, "rkv")["positions"]
     assert not (own == own[:1, :, :1]).all()  # per layer and head the rule picks differently: sharing is a choice
 
 
 def test_a_slot_aligner_of_matching_shapes_starts_as_the_identity():
     teacher = qwen_teacher()
     spec = kv_spec(teacher.config)
-    slots = cot_slots(teacher, cross_batch()["teachers"][0], 4, shared=True)
+    slots = cot_slots(teacher, teacher_text(), 4, shared=True)
     targets, kept = SlotAligner(spec, spec, layer_map(spec.num_layers, spec.num_layers))(slots)
     for (k, v), (kt, vt) in zip(targets, slots["kv"]):
         torch.testing.assert_close(k, kt)  # an identity head mix and head-dim map: float32's own rounding
@@ -264,30 +318,71 @@ def test_a_slot_aligner_of_matching_shapes_starts_as_the_identity():
     assert kept.shape == (3, 4) and kept.all()
 
 
+def test_a_slot_table_row_is_the_teachers_slots_of_that_example():
+    """Rows looked up by index are cot_slots of those examples read as one batch: the table was computed in other
+    batches (4 at a time, other padding), and right padding changes no real token's state up to float32's
+    rounding of sums over more (masked) keys."""
+    teacher = qwen_teacher()
+    table = table_of(teacher, M=4)
+    assert len(table) == len(EXAMPLES)
+    rows = table(torch.tensor([2, 0, 5]))
+    want = cot_slots(teacher, teacher_text(6), 4, shared=True)
+    pick = torch.tensor([2, 0, 5])
+    for (k, v), (kw, vw) in zip(rows["kv"], want["kv"]):
+        torch.testing.assert_close(k, kw[pick])
+        torch.testing.assert_close(v, vw[pick])
+    assert torch.equal(rows["kept"], want["kept"][:, pick])
+    with pytest.raises(ValueError, match=r"rows are 0\.\.5"):
+        table(torch.tensor([6]))
+
+
+def test_a_slot_table_is_saved_once_and_recomputed_when_its_inputs_change(tmp_path, monkeypatch):
+    from kvlib.slot_table import SlotTable
+
+    teacher, path = qwen_teacher(), tmp_path / "A.safetensors"
+    first = SlotTable.build(path, teacher, TEACHER_TOKENIZER, EXAMPLES, 3)
+    calls = []
+    compute = SlotTable.compute.__func__
+    monkeypatch.setattr(
+        SlotTable, "compute", classmethod(lambda cls, *a, **k: calls.append(a) or compute(cls, *a, **k))
+    )
+    again = SlotTable.build(path, teacher, TEACHER_TOKENIZER, EXAMPLES, 3)
+    assert calls == [] and all(torch.equal(again.tensors[n], x) for n, x in first.tensors.items())
+    SlotTable.build(path, teacher, TEACHER_TOKENIZER, EXAMPLES, 2)  # another budget
+    SlotTable.build(path, qwen_teacher(seed=2), TEACHER_TOKENIZER, EXAMPLES, 2)  # another teacher
+    SlotTable.build(path, qwen_teacher(seed=2), TEACHER_TOKENIZER, EXAMPLES[:5], 2)  # other examples
+    assert len(calls) == 3
+    path.write_bytes(path.read_bytes()[:-100])  # a torn file reads as no table
+    assert len(SlotTable.build(path, qwen_teacher(seed=2), TEACHER_TOKENIZER, EXAMPLES[:5], 2)) == 5
+    assert len(calls) == 4
+
+
 def test_a_teacher_of_another_family_supervises_the_thoughts_through_its_aligner():
     latent = student(M=3).train()
     teacher = qwen_teacher()
-    d = LatentDistiller(latent, {"kv": 1.0}, teachers=[teacher], aligners=[aligner_for(teacher, latent)])
-    terms = d(cross_batch())
+    d = LatentDistiller(latent, {"kv": 1.0}, teachers=[table_of(teacher)], aligners=[aligner_for(teacher, latent)])
+    terms = d(indexed_batch())
     terms["loss"].backward()
     assert terms["kv"] > 0
     proj = d.aligners[0].projectors[0]
     assert proj.mix_k.grad.abs().sum() > 0 and latent.project.net[0].weight.grad.abs().sum() > 0
-    assert all(p.grad is None for p in teacher.parameters())  # frozen, a target only
     assert not any(n.startswith("teachers") for n, _ in d.named_parameters())
+    with pytest.raises(ValueError, match="needs its examples' 'index'"):
+        d(batch())
 
 
 def test_two_copies_of_one_teacher_fused_give_the_single_teacher_loss():
     from kvlib.fusion import make_fusion
 
     teacher = qwen_teacher()
-    single = LatentDistiller(student(M=3), {"kv": 1.0}, teachers=[teacher], aligners=[aligner_for(teacher, student())])
+    table = table_of(teacher)
+    single = LatentDistiller(student(M=3), {"kv": 1.0}, teachers=[table], aligners=[aligner_for(teacher, student())])
     fusion = make_fusion("fixed", 2, 2, 32, 2, [0.5, 0.5])
     aligners = [aligner_for(teacher, student()), aligner_for(teacher, student())]
-    double = LatentDistiller(student(M=3), {"kv": 1.0}, teachers=[teacher, teacher], aligners=aligners, fusion=fusion)
-    torch.testing.assert_close(double(cross_batch(teachers=2))["kv"], single(cross_batch())["kv"])
+    double = LatentDistiller(student(M=3), {"kv": 1.0}, teachers=[table, table], aligners=aligners, fusion=fusion)
+    torch.testing.assert_close(double(indexed_batch())["kv"], single(indexed_batch())["kv"])
     with pytest.raises(ValueError, match="a fusion exactly when there are several teachers"):
-        LatentDistiller(student(), {"kv": 1.0}, teachers=[teacher, teacher], aligners=aligners)
+        LatentDistiller(student(), {"kv": 1.0}, teachers=[table, table], aligners=aligners)
 
 
 def test_evaluation_scores_answers_and_averages_the_forward_passes():
