@@ -119,3 +119,38 @@ def test_no_two_arms_of_a_latent_study_are_the_same_run(name):
     resolved = {n: LatentArm.from_params(arms[n]) for n in names}
     for a, b in itertools.combinations(names, 2):
         assert resolved[a] != resolved[b], f"latent arms {a} and {b} train the same student"
+
+
+def test_an_arm_computes_its_teachers_slot_tables_once_for_all_its_seeds(data, tmp_path, monkeypatch):
+    from kvlib.latent_student import run_arm
+    from kvlib.slot_table import SlotTable
+
+    texts = [e.text for e in load_splits(data)["teacher_train"]]
+    tokenizer = train_tokenizer("bpe", texts, vocab_size=300)
+    teacher = ModelShape("qwen2", 3, 4, 2, 16, 64).build(len(tokenizer), seed=1)
+    teacher.save_pretrained(tmp_path / "teachers" / "A" / "model")
+    save_tokenizer(tokenizer, tmp_path / "teachers" / "A" / "tokenizer")
+    computed = []
+    compute = SlotTable.compute.__func__
+    monkeypatch.setattr(
+        SlotTable, "compute", classmethod(lambda cls, *a, **k: computed.append(1) or compute(cls, *a, **k))
+    )
+    settings = {"num_thoughts": 2, "passes": 0, "split": "teacher_train", "train_examples": 8}
+    summaries = run_arm(
+        [0, 1], 1, tmp_path / "runs", tmp_path / "reports", params=STUDENT, name="kava-A",
+        arm=KAVA | {"teachers": ["A"]}, settings=settings, data_dir=data, teacher_root=tmp_path / "teachers", threads=1,
+    )  # fmt: skip
+    assert computed == [1] and sorted(summaries) == [0, 1]
+    assert (
+        len(
+            SlotTable.build(
+                tmp_path / "runs" / "teacher_slots" / "A.safetensors",
+                teacher,
+                tokenizer,
+                load_splits(data)["teacher_train"][:8],
+                2,
+            )
+        )
+        == 8
+    )
+    assert all((tmp_path / "runs" / str(s) / "predictions.jsonl").is_file() for s in (0, 1))
