@@ -125,7 +125,7 @@ def teacher_tables(arm: LatentArm, teacher_root, examples: list[Example], num_th
         raise ValueError(f"the arm names teachers {arm.teachers}: pass teacher_root, the teacher stage's folder")
     tables = []
     for name in arm.teachers:
-        teacher, tokenizer = load_trained(Path(teacher_root) / name)  # a clear error when it was not trained
+        teacher, tokenizer = load_trained(Path(teacher_root) / name, inference=True)  # on a GPU in bf16 if there is one
         path = Path(slots_dir) / f"{name}.safetensors"
         table = SlotTable.build(path, teacher.eval(), tokenizer, examples, num_thoughts, arm.rule)
         tables.append((table, kv_spec(teacher.config)))
