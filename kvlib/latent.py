@@ -255,18 +255,28 @@ def evaluate_latent(latent: LatentStudent, tokenizer, examples: list, max_new_to
         raise ValueError("evaluate_latent needs at least one example")
     latent.eval()
     device = next(latent.parameters()).device
-    records = []
+    texts, counts = [], []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
         enc = encode_batch(tokenizer, [e.prompt for e in chunk], add_eos=False, padding_side="left")  # prompts only
         ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
         tokens, passes = latent.generate(ids, mask, max_new_tokens, tokenizer.eos_token_id)
-        for e, row, n in zip(chunk, tokenizer.batch_decode(tokens, skip_special_tokens=True), passes.tolist()):
-            prediction = parse_answer(row)
-            records.append(
-                {"id": e.id, "task": e.task, "gold": e.answer, "prediction": prediction}
-                | {"correct": prediction == e.answer, "generated": row, "forward_passes": n}
-            )
+        texts += tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        counts += passes.tolist()
+    return scored(examples, texts, counts)
+
+
+def scored(examples: list, texts: list[str], passes: list[int]) -> tuple[list, dict]:
+    """The records of answers ``texts`` to ``examples`` that took ``passes`` forward passes each (``id``, ``task``,
+    ``gold``, ``prediction``, ``correct``, ``generated``, ``forward_passes``), and their accuracy with the mean
+    forward passes per answer; the latent study scores every mode's answers so."""
+    records = []
+    for e, text, n in zip(examples, texts, passes, strict=True):
+        prediction = parse_answer(text)
+        records.append(
+            {"id": e.id, "task": e.task, "gold": e.answer, "prediction": prediction}
+            | {"correct": prediction == e.answer, "generated": text, "forward_passes": n}
+        )
     summary = {
         "n": len(records),
         "accuracy": sum(r["correct"] for r in records) / len(records),

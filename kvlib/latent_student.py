@@ -34,7 +34,7 @@ import torch
 from kvlib.batches import collate_fn
 from kvlib.checkpoints import build, load_trained, tokenizer_corpus
 from kvlib.config import ModelConfig, check_choice, from_dict
-from kvlib.data import TASKS, Example, load_splits, parse_answer, split_sha256
+from kvlib.data import TASKS, Example, load_splits, split_sha256
 from kvlib.distill import Distiller, FusionConfig
 from kvlib.evaluate import generate, validation
 from kvlib.files import write_json, write_text
@@ -48,11 +48,12 @@ from kvlib.latent import (
     evaluate_latent,
     latent_batch,
     load_latent,
+    scored,
 )
 from kvlib.layers import layer_map
 from kvlib.processes import side_by_side
 from kvlib.slot_table import SlotTable
-from kvlib.text import load_tokenizer, save_tokenizer
+from kvlib.text import check_lengths, load_tokenizer, save_tokenizer
 from kvlib.train import train
 
 MODES = ("cot", "nocot", "latent")
@@ -211,17 +212,6 @@ def train_latent(
     return summary
 
 
-def _records(examples: list[Example], texts: list[str], passes: list[int]) -> list[dict]:
-    out = []
-    for e, text, n in zip(examples, texts, passes):
-        prediction = parse_answer(text)
-        out.append(
-            {"id": e.id, "task": e.task, "gold": e.answer, "prediction": prediction}
-            | {"correct": prediction == e.answer, "generated": text, "forward_passes": n}
-        )
-    return out
-
-
 def evaluate_arm(run_dir: str | Path, mode: str, examples: list[Example], max_new_tokens: int) -> tuple[list, dict]:
     """Greedy answers of a trained arm (``run_dir``: what ``train_latent`` left) on ``examples``: one record per
     example (``correct``, ``forward_passes``, ...) and the accuracy with the mean forward passes per answer."""
@@ -231,14 +221,9 @@ def evaluate_arm(run_dir: str | Path, mode: str, examples: list[Example], max_ne
         latent = load_latent(run / "model").to("cuda" if torch.cuda.is_available() else "cpu")
         return evaluate_latent(latent, load_tokenizer(run / "tokenizer"), examples, max_new_tokens)
     model, tokenizer = load_trained(run, inference=True)
-    texts, lengths = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens, lengths=True)
-    records = _records(examples, texts, lengths)
-    summary = {
-        "n": len(records),
-        "accuracy": sum(r["correct"] for r in records) / len(records),
-        "forward_passes": sum(r["forward_passes"] for r in records) / len(records),
-    }
-    return records, summary
+    prompts, limit = [e.prompt for e in examples], model.config.max_position_embeddings
+    check_lengths(tokenizer, prompts, [e.id for e in examples], limit, reserve=max_new_tokens, add_eos=False)
+    return scored(examples, *generate(model, tokenizer, prompts, max_new_tokens, lengths=True))
 
 
 def write_records(path: str | Path, records: list[dict], arm: str, seed: int) -> None:

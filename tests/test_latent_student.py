@@ -95,6 +95,14 @@ def test_every_mode_trains_and_is_scored_with_its_forward_passes(data, tmp_path,
     assert all(r["group"] == "x" and r["seed"] == 3 for r in rows) and len(rows) == len(test)
 
 
+def test_a_written_chain_that_cannot_fit_the_positions_is_refused(data, tmp_path):
+    train_latent(STUDENT, {"mode": "cot"}, 0, data, tmp_path, num_thoughts=2, progress=False)
+    test = load_splits(data)["test"]
+    limit = json.loads((tmp_path / "model" / "config.json").read_text())["max_position_embeddings"]
+    with pytest.raises(ValueError, match="max_position"):
+        evaluate_arm(tmp_path, "cot", test, max_new_tokens=limit)
+
+
 def test_a_cross_family_teacher_is_read_from_its_stage_folder(data, tmp_path):
     texts = [e.text for e in load_splits(data)["teacher_train"]]
     tokenizer = train_tokenizer("bpe", texts, vocab_size=300)
